@@ -1,0 +1,284 @@
+"""Engine benchmark at real shapes with random weights (speed does not depend on the values).
+
+    python bench/engine.py                       # 1.3B-480p-81f and 14B-720p-81f, 4 steps
+    python bench/engine.py --shapes 1.3b-480p --no-peer
+
+For each shape: our denoise (4 rCM steps, SLA topk 0.1, bf16, regional torch.compile), our VAE
+decode, peak VRAM; beside them, in the same process, the peer: diffusers' WanTransformer3DModel
+with the same TurboDiffusion SLA swapped into self-attention and regional compile, and diffusers'
+AutoencoderKLWan decoding the same latents. Once: umT5-XXL text encoding of a 512-token prompt,
+and cold start (loading a saved 1.3B checkpoint vs reading the same file raw).
+Writes docs/benchmarks/engine.json and a section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import print_table, write_results  # noqa: E402
+from engine import loading  # noqa: E402
+from engine.attention import AttentionSpec, resolve_attention  # noqa: E402
+from engine.config import WanConfig, latent_shape  # noqa: E402
+from engine.sampler import rcm_sample  # noqa: E402
+from engine.umt5 import HashTokenizer, TextEncoder, UMT5Encoder  # noqa: E402
+from engine.wan_dit import WanDiT  # noqa: E402
+from engine.wan_vae import WanVAE  # noqa: E402
+
+SHAPES = {
+    "1.3b-480p": ("wan2.1-t2v-1.3b", "480p"),
+    "14b-720p": ("wan2.1-t2v-14b", "720p"),
+}
+DEV = torch.device("cuda")
+DT = torch.bfloat16
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# -- ours ------------------------------------------------------------------------------------
+def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: float,
+               repeats: int, compile_blocks: bool) -> dict[str, float]:
+    w, h = cfg.size(resolution, "16:9")
+    spec = AttentionSpec(type=resolve_attention("sla", DEV), topk=topk)
+    dit = loading.build_random(lambda: WanDiT(cfg, spec), seed=0, device=DEV, dtype=DT)
+    if compile_blocks:
+        dit.compile_blocks()
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, device=DEV, dtype=DT)
+    shape = (1, *latent_shape(cfg, frames, w, h))
+
+    def denoise() -> torch.Tensor:
+        with torch.inference_mode():
+            return rcm_sample(lambda x, t: dit(x.to(DT), t, context), shape, sigma_max=80.0,
+                              num_steps=steps, generator=torch.Generator().manual_seed(0),
+                              device=DEV)
+
+    t = time.perf_counter()
+    latents = denoise()          # warm-up: Triton autotune + compile
+    sync()
+    warmup_s = time.perf_counter() - t
+    torch.cuda.reset_peak_memory_stats()
+    times = timed(denoise, repeats)
+    peak_dit = torch.cuda.max_memory_allocated() / 1e9
+    del dit
+    free()
+
+    vae = loading.build_random(lambda: WanVAE(cfg.vae), seed=1, device=DEV, dtype=DT)
+    z = latents.to(DT)
+    with torch.inference_mode():
+        vae.decode_to_uint8(z)   # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        vae_times = timed(lambda: vae.decode_to_uint8(z), repeats)
+    peak_vae = torch.cuda.max_memory_allocated() / 1e9
+    del vae
+    free()
+    return {"denoise_s": statistics.median(times), "warmup_s": warmup_s,
+            "vae_decode_s": statistics.median(vae_times),
+            "peak_vram_gb": max(peak_dit, peak_vae), "latents": z}  # type: ignore[dict-item]
+
+
+# -- the peer: diffusers' Wan DiT + the same SLA + regional compile ------------------------------
+def bench_peer(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: float,
+               repeats: int, latents: torch.Tensor) -> dict[str, float]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from turbodiffusion.SLA import SparseLinearAttention
+
+    w, h = cfg.size(resolution, "16:9")
+    with torch.device(DEV):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(DT)
+        try:
+            model = WanTransformer3DModel(
+                num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=16,
+                out_channels=16, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                num_layers=cfg.num_layers)
+        finally:
+            torch.set_default_dtype(prev)
+    model.eval().requires_grad_(False)
+    for block in model.blocks:
+        block.attn1.set_processor(_SLAProcessor(SparseLinearAttention(
+            cfg.head_dim, topk, BLKQ=128, BLKK=64).to(DEV)))
+    model.compile_repeated_blocks(fullgraph=False)
+    _, lt, lh, lw = latent_shape(cfg, frames, w, h)
+    x = torch.randn(1, 16, lt, lh, lw, device=DEV, dtype=DT)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=DEV, dtype=DT)
+    ts = torch.tensor([987.7], device=DEV)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(hidden_states=x, timestep=ts, encoder_hidden_states=ctx, return_dict=False)
+
+    forward()
+    per_forward = statistics.median(timed(forward, repeats))
+    del model
+    free()
+
+    vae = AutoencoderKLWan().to(DEV, DT).eval()
+    with torch.inference_mode():
+        vae.decode(latents).sample  # warm-up
+        vae_times = timed(lambda: vae.decode(latents).sample, repeats)
+    del vae
+    free()
+    return {"peer_forward_s": per_forward, "peer_denoise_s": per_forward * steps,
+            "peer_vae_decode_s": statistics.median(vae_times)}
+
+
+class _SLAProcessor:
+    """diffusers self-attention with TurboDiffusion's SLA in place of SDPA (same math as ours)."""
+
+    def __init__(self, sla: torch.nn.Module):
+        self.sla = sla
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        cos, sin = rotary_emb
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        out = self.sla(q, k, v).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+# -- text encoder and cold start ------------------------------------------------------------
+def bench_text(repeats: int) -> float:
+    ucfg = WanConfig.from_name("wan2.1-t2v-1.3b").umt5
+    enc = loading.build_random(lambda: UMT5Encoder(ucfg), seed=2, device=DEV, dtype=DT)
+    te = TextEncoder(enc, HashTokenizer(ucfg.vocab_size), ucfg.text_len)
+    prompt = " ".join(f"word{i}" for i in range(600))   # fills all 512 positions
+    with torch.inference_mode():
+        te.encode([prompt])
+        t = statistics.median(timed(lambda: te.encode([prompt]), repeats))
+    del te, enc
+    free()
+    return t
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench_cold_start(tmp: Path) -> dict[str, object]:
+    cfg = WanConfig.from_name("wan2.1-t2v-1.3b")
+    spec = AttentionSpec(type=resolve_attention("sla", DEV), topk=0.1)
+    dit = loading.build_random(lambda: WanDiT(cfg, spec), seed=0, device=DEV, dtype=DT)
+    path = tmp / cfg.files.dit
+    torch.save(dit.state_dict(), path)
+    del dit
+    free()
+    cold = drop_page_cache()
+    t = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+    raw_s = time.perf_counter() - t
+    if cold:
+        drop_page_cache()
+    sync()
+    t = time.perf_counter()
+    dit = loading.load_module(lambda: WanDiT(cfg, spec), path, device=DEV, dtype=DT)
+    sync()
+    load_s = time.perf_counter() - t
+    size_gb = path.stat().st_size / 1e9
+    del dit
+    free()
+    path.unlink()
+    return {"load_s": load_s, "raw_read_s": raw_s, "file_gb": size_gb,
+            "page_cache": "dropped before each" if cold else "warm (could not drop)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1.3b-480p,14b-720p")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--topk", type=float, default=0.1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/engine.py needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    results: dict[str, dict[str, object]] = {}
+    table = []
+    text_s = bench_text(args.repeats)
+    cold = bench_cold_start(Path(args.tmp))
+    print(f"text encoder (umT5-XXL, 512 tokens): {text_s:.3f} s; cold start {cold}", flush=True)
+    for name in args.shapes.split(","):
+        model, res = SHAPES[name]
+        cfg = WanConfig.from_name(model)
+        repeats = args.repeats if cfg.param_billions < 5 else 1
+        ours = bench_ours(cfg, res, args.frames, args.steps, args.topk, repeats, not args.no_compile)
+        latents = ours.pop("latents")
+        row: dict[str, object] = {"shape": f"{name}-{args.frames}f", **ours, "text_encoder_s": text_s}
+        if not args.no_peer:
+            row.update(bench_peer(cfg, res, args.frames, args.steps, args.topk, repeats, latents))
+            row["denoise_vs_peer"] = row["denoise_s"] / row["peer_denoise_s"]
+            row["vae_vs_peer"] = row["vae_decode_s"] / row["peer_vae_decode_s"]
+        if name.startswith("1.3b"):
+            row.update({k: v for k, v in cold.items() if k in ("load_s", "raw_read_s")})
+        results[f"{name}-{args.frames}f"] = row
+        table.append(row)
+        print_table([row])
+        sys.stdout.flush()
+
+    import triton
+    payload = {"torch": torch.__version__, "triton": triton.__version__, "steps": args.steps,
+               "sla_topk": args.topk, "cold_start": cold, "shapes": results}
+    md = ["| shape | denoise s | peer denoise s | VAE decode s | peer VAE s | peak VRAM GB | text s |",
+          "|---|---|---|---|---|---|---|"]
+    for r in table:
+        md.append(f"| {r['shape']} | {r['denoise_s']:.3f} | {r.get('peer_denoise_s', float('nan')):.3f} | "
+                  f"{r['vae_decode_s']:.3f} | {r.get('peer_vae_decode_s', float('nan')):.3f} | "
+                  f"{r['peak_vram_gb']:.1f} | {r['text_encoder_s']:.3f} |")
+    md.append(f"\nCold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
+              f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "
+              f"({cold['load_s'] / cold['raw_read_s']:.2f}×).")
+    write_results("engine", payload, md, Path(args.out) if args.out else None)
+    print()
+    print_table(table)
+
+
+if __name__ == "__main__":
+    main()

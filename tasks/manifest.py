@@ -1,0 +1,552 @@
+"""Manifest v1: read a CSV or Parquet batch file and validate it into `ManifestRow`s.
+
+    read_manifest(source) ─┬─ file-level problem (unreadable, empty, no `id` column …) → ManifestFileError
+                           └─ Manifest(rows=[good rows], errors=[RowError per bad cell], warnings=[…])
+
+Every bad row is reported with its 1-based data row number, id, column, value and reason; good rows
+are still returned (pass `strict=True` to refuse the whole batch instead). A value comes from the
+row if its cell is not empty, else from `run_params` (CLI options, deployment parameters), else
+from the environment (`TURBO_STEPS`, `ATTENTION_TYPE`, `SLA_TOPK`, `TURBO_MODEL`), else the default.
+Column reference: docs/MANIFEST.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from engine.config import PRESETS, GenerationRequest, WanConfig
+from engine.errors import RequestError
+from tasks.inputs import InputError, check_audio, check_image, check_video
+
+MODES = ("t2v", "i2v", "dance")
+DEFAULT_MODELS = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.2-i2v-a14b", "dance": "steadydancer-14b"}
+# What each known model generates; a row whose mode differs is refused.
+MODEL_MODES = {"wan2.1-t2v-1.3b": "t2v", "wan2.1-t2v-14b": "t2v", "tiny-t2v": "t2v",
+               "wan2.2-i2v-a14b": "i2v", "steadydancer-14b": "dance"}
+
+IDENTITY_COLUMNS = ("id", "mode", "prompt", "model")
+INPUT_COLUMNS = ("image", "driving_video")
+GENERATION_COLUMNS = ("resolution", "aspect_ratio", "num_frames", "num_steps", "seed", "sigma_max",
+                      "attention_type", "sla_topk", "quant_linear")
+POSTPROCESS_COLUMNS = ("fps", "interpolate_fps", "upscale", "watermark", "preview", "audio")
+OUTPUT_COLUMNS = ("output_name", "num_samples")
+COLUMNS = IDENTITY_COLUMNS + INPUT_COLUMNS + GENERATION_COLUMNS + POSTPROCESS_COLUMNS + OUTPUT_COLUMNS
+REQUIRED_COLUMNS = ("id", "mode", "prompt")
+# Per-row by nature: a run-wide value would make every row the same item.
+ROW_ONLY_COLUMNS = ("id", "mode", "prompt", "output_name", "image", "driving_video")
+ENV_COLUMNS = {"TURBO_STEPS": "num_steps", "ATTENTION_TYPE": "attention_type",
+               "SLA_TOPK": "sla_topk", "TURBO_MODEL": "model"}
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME_RULE = ("letters, digits, '.', '_' and '-' only, starting with a letter or digit, "
+                  "at most 128 characters, no '..'")
+DEFAULT_FPS = 16
+MAX_FPS, MAX_INTERPOLATE_FPS, MAX_UPSCALE = 60, 120, 4.0
+MAX_SAMPLES = 1000
+MAX_WATERMARK_TEXT = 200
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+# ── errors ───────────────────────────────────────────────────────────────────────────────────────
+
+class ManifestFileError(Exception):
+    """The manifest as a whole cannot be used (the CLI exits 2)."""
+
+    def __init__(self, source: str | Path, reason: str):
+        self.source, self.reason = str(source), " ".join(str(reason).split())
+        super().__init__(f"manifest {self.source}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int                # 1-based data row number (the header is not counted)
+    id: str | None
+    column: str
+    value: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        who = f'id "{self.id}"' if self.id else "no id"
+        value = "(empty)" if self.value is None else f'"{self.value}"'
+        return f"row {self.row} ({who}), column {self.column} = {value}: {self.reason}"
+
+
+class ManifestRowsError(Exception):
+    """strict=True and some rows are bad."""
+
+    def __init__(self, errors: Sequence[RowError]):
+        self.errors = list(errors)
+        lines = [str(e) for e in self.errors[:20]]
+        more = len(self.errors) - len(lines)
+        super().__init__(f"{len(self.errors)} bad manifest cell(s):\n" + "\n".join(lines)
+                         + (f"\n… and {more} more" if more > 0 else ""))
+
+
+# ── rows ─────────────────────────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One validated item. Paths are absolute (resolved) local paths or s3:// / https:// URIs.
+
+    Build rows with `read_manifest`, which validates; the defaults here match the t2v defaults.
+    """
+    row: int
+    id: str
+    mode: str
+    prompt: str
+    model: str = DEFAULT_MODELS["t2v"]
+    image: str | None = None
+    driving_video: str | None = None
+    resolution: str = "480p"
+    aspect_ratio: str = "16:9"
+    num_frames: int = 81
+    num_steps: int = 4
+    seed: int = 0
+    sigma_max: float = 80.0
+    attention_type: str = "auto"
+    sla_topk: float = 0.1
+    quant_linear: str = "auto"
+    fps: int = DEFAULT_FPS
+    interpolate_fps: int | None = None
+    upscale: float | None = None
+    watermark: str | None = None   # text, or a .png path
+    preview: bool = False
+    audio: str | None = None
+    output_name: str = ""          # "" → the id
+    num_samples: int = 1           # as written in the source row
+    sample: int | None = None      # index within a num_samples expansion
+
+    def __post_init__(self) -> None:
+        if not self.output_name:
+            object.__setattr__(self, "output_name", self.id)
+
+    def request(self) -> GenerationRequest:
+        return GenerationRequest(prompt=self.prompt, **{c: getattr(self, c) for c in GENERATION_COLUMNS})
+
+    def postprocess_fields(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in POSTPROCESS_COLUMNS}
+
+    @property
+    def watermark_is_image(self) -> bool:
+        return self.watermark is not None and self.watermark.lower().endswith(".png")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    rows: list[ManifestRow]
+    errors: list[RowError]
+    warnings: list[str]
+    source: str
+
+
+# ── entry point ──────────────────────────────────────────────────────────────────────────────────
+
+def read_manifest(
+    source: str | Path,
+    *,
+    run_params: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    allow_https: bool = False,
+    allowed_roots: Sequence[Path] | None = None,
+    check_inputs: bool = True,
+    strict: bool = False,
+) -> Manifest:
+    """Read and validate a manifest; see the module docstring."""
+    env = os.environ if env is None else env
+    source_text = str(source)
+    remote = source_text.startswith("s3://")
+    base_dir = Path.cwd() if remote else Path(source_text).resolve().parent
+    roots = [Path(r).resolve() for r in (allowed_roots or [base_dir])]
+
+    table = _read_table(source_text, env)
+    unknown = [c for c in table.columns if c not in COLUMNS]
+    warnings = [f"unknown column(s) ignored: {', '.join(unknown)}"] if unknown else []
+
+    context = _RowContext(run_params=_clean_run_params(run_params), env=env, base_dir=base_dir,
+                          roots=roots, allow_https=allow_https, check_inputs=check_inputs)
+    rows: list[ManifestRow] = []
+    errors: list[RowError] = []
+    first_row_of_id: dict[str, int] = {}
+    for number, raw in enumerate(table.iter_rows(named=True), start=1):
+        row, row_errors = _validate_row(number, raw, context)
+        errors.extend(row_errors)
+        if row is None:
+            continue
+        for item in _expand_samples(row):
+            if item.id in first_row_of_id:
+                errors.append(RowError(number, item.id, "id", item.id,
+                                       f"duplicate id: rows {first_row_of_id[item.id]} and "
+                                       f"{number} both use it"))
+                continue
+            first_row_of_id[item.id] = number
+            rows.append(item)
+    if strict and errors:
+        raise ManifestRowsError(errors)
+    return Manifest(rows=rows, errors=errors, warnings=warnings, source=source_text)
+
+
+def r2_storage_options(env: Mapping[str, str]) -> dict[str, str] | None:
+    """polars/object_store options for s3:// reads from the R2_* variables (None: use defaults)."""
+    endpoint = env.get("R2_ENDPOINT_URL") or (
+        f"https://{env['R2_ACCOUNT_ID']}.r2.cloudflarestorage.com" if env.get("R2_ACCOUNT_ID") else "")
+    options = {"aws_endpoint_url": endpoint,
+               "aws_access_key_id": env.get("R2_ACCESS_KEY_ID", ""),
+               "aws_secret_access_key": env.get("R2_SECRET_ACCESS_KEY", "")}
+    options = {k: v for k, v in options.items() if v}
+    if not options:
+        return None
+    options["aws_region"] = "auto"   # R2 ignores the region; "auto" is what it documents
+    if endpoint.startswith("http://"):
+        options["aws_allow_http"] = "true"  # local test servers only
+    return options
+
+
+# ── reading the file ─────────────────────────────────────────────────────────────────────────────
+
+def _read_table(source: str, env: Mapping[str, str]) -> pl.DataFrame:
+    """The manifest as a table of strings (None = empty cell), header names stripped."""
+    scheme = _SCHEME.match(source)
+    if scheme and scheme.group(1).lower() != "s3":
+        raise ManifestFileError(source, f"{scheme.group(1)}:// is not supported; use a local path or s3://")
+    try:
+        if source.startswith("s3://"):
+            options = r2_storage_options(env)
+            if source.lower().endswith((".parquet", ".pq")):
+                table = pl.read_parquet(source, storage_options=options)
+            else:
+                table = pl.read_csv(source, infer_schema=False, storage_options=options)
+        else:
+            table = _read_local(Path(source))
+    except ManifestFileError:
+        raise
+    except pl.exceptions.NoDataError:
+        raise ManifestFileError(source, "file is empty") from None
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise ManifestFileError(source, f"cannot read it as CSV or Parquet ({_first_line(exc)})") from None
+
+    try:
+        table = table.select(pl.all().cast(pl.String))
+    except pl.exceptions.PolarsError as exc:
+        raise ManifestFileError(source, f"a column cannot be read as text ({_first_line(exc)})") from None
+    table = table.rename({c: c.strip() for c in table.columns})
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ManifestFileError(source, f"required column(s) missing: {', '.join(missing)} "
+                                        f"(found: {', '.join(table.columns) or 'none'})")
+    if table.height == 0:
+        raise ManifestFileError(source, "has a header but no data rows")
+    return table
+
+
+def _read_local(path: Path) -> pl.DataFrame:
+    if not path.exists():
+        raise ManifestFileError(path, "file not found")
+    if not path.is_file():
+        raise ManifestFileError(path, "not a file")
+    data = path.read_bytes()
+    if data.startswith(b"PAR1"):
+        return pl.read_parquet(io.BytesIO(data))
+    if not data.strip():
+        raise ManifestFileError(path, "file is empty")
+    if b"\x00" in data:
+        raise ManifestFileError(path, "not a CSV or Parquet file (binary content)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestFileError(path, f"not UTF-8 text, so not a CSV file (byte {exc.start})") from None
+    return pl.read_csv(io.BytesIO(data), infer_schema=False)
+
+
+# ── validating one row ───────────────────────────────────────────────────────────────────────────
+
+@dataclass(frozen=True)
+class _RowContext:
+    run_params: dict[str, str]
+    env: Mapping[str, str]
+    base_dir: Path
+    roots: list[Path]
+    allow_https: bool
+    check_inputs: bool
+
+
+class _CellError(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _validate_row(number: int, raw: Mapping[str, str | None],
+                  ctx: _RowContext) -> tuple[ManifestRow | None, list[RowError]]:
+    errors: list[RowError] = []
+    row_id = _clean(raw.get("id"))
+    origins: dict[str, str] = {}
+
+    def value_of(column: str) -> str | None:
+        """Row cell > run parameter > environment > None (= use the default)."""
+        cell = _clean(raw.get(column))
+        if cell is not None:
+            return cell
+        if column in ctx.run_params:
+            origins[column] = "run parameter"
+            return ctx.run_params[column]
+        for env_name, env_column in ENV_COLUMNS.items():
+            if env_column == column and _clean(ctx.env.get(env_name)) is not None:
+                origins[column] = f"environment {env_name}"
+                return _clean(ctx.env.get(env_name))
+        return None
+
+    def fail(column: str, value: object, reason: str) -> None:
+        if column in origins:
+            reason += f" (value from {origins[column]})"
+        errors.append(RowError(number, row_id, column, None if value is None else str(value), reason))
+
+    # 1. Identity
+    if row_id is None:
+        fail("id", None, "required")
+    elif not _is_safe_name(row_id):
+        fail("id", row_id, f"not a safe id: {SAFE_NAME_RULE}")
+    mode = _clean(raw.get("mode"))
+    if mode is None:
+        fail("mode", None, "required: " + " | ".join(MODES))
+    elif mode.lower() not in MODES:
+        fail("mode", mode, "must be " + " | ".join(MODES))
+        mode = None
+    else:
+        mode = mode.lower()
+    prompt = _clean(raw.get("prompt"))
+    if prompt is None:
+        fail("prompt", None, "required (empty prompt)")
+    else:
+        prompt = prompt.replace("\r\n", "\n")
+
+    model = value_of("model") or (DEFAULT_MODELS[mode] if mode else None)
+    config: WanConfig | None = None
+    if model is not None:
+        if model not in PRESETS:
+            fail("model", model, f"model {model} is not available in this version; "
+                                 f"available: {', '.join(sorted(PRESETS))}")
+        elif mode and MODEL_MODES.get(model, mode) != mode:
+            fail("model", model, f"{model} is a {MODEL_MODES[model]} model, not {mode}")
+        else:
+            config = WanConfig.from_name(model)
+
+    # 2. Generation: the engine's own validation names the field and its allowed values
+    generation: dict[str, Any] = {}
+    if config is not None:
+        given = {c: v for c in GENERATION_COLUMNS if (v := value_of(c)) is not None}
+        given.setdefault("resolution", config.default_resolution)
+        try:
+            request = GenerationRequest(prompt=prompt or "-", **given).validated(config)
+        except RequestError as exc:
+            fail(exc.field, exc.value, f"must be {exc.allowed}")
+        else:
+            generation = {c: getattr(request, c) for c in GENERATION_COLUMNS}
+
+    # 3. Inputs and mode rules
+    def reference(column: str, check: Any) -> str | None:
+        value = value_of(column)
+        if value is None:
+            return None
+        try:
+            resolved = _resolve_reference(value, ctx)
+            if ctx.check_inputs and not _is_uri(resolved):
+                check(resolved)
+        except (_CellError, InputError) as exc:
+            fail(column, value, exc.reason)
+            return None
+        return resolved
+
+    takes = {"t2v": (), "i2v": ("image",), "dance": ("image", "driving_video")}.get(mode or "")
+    inputs: dict[str, str | None] = {"image": None, "driving_video": None}
+    for column, check in (("image", check_image), ("driving_video", check_video)):
+        given_value = value_of(column)
+        if takes is None:          # bad mode: nothing to compare against
+            continue
+        if column in takes and given_value is None:
+            fail(column, None, f"{mode} needs {'an image' if column == 'image' else 'a driving_video'}")
+        elif column not in takes and given_value is not None:
+            fail(column, given_value, f"{mode} takes no {column}")
+        else:
+            inputs[column] = reference(column, check)
+
+    # 4. Post-processing
+    post: dict[str, Any] = {}
+    default_fps = config.fps if config else DEFAULT_FPS
+    for column, parse in (("fps", _parse_fps), ("upscale", _parse_upscale),
+                          ("preview", _parse_bool), ("num_samples", _parse_num_samples)):
+        value = value_of(column)
+        try:
+            post[column] = parse(value) if value is not None else None
+        except _CellError as exc:
+            fail(column, value, exc.reason)
+    fps = post.get("fps") or default_fps
+    interpolate = value_of("interpolate_fps")
+    if interpolate is not None:
+        try:
+            post["interpolate_fps"] = _parse_interpolate_fps(interpolate, fps)
+        except _CellError as exc:
+            fail("interpolate_fps", interpolate, exc.reason)
+    watermark = value_of("watermark")
+    if watermark is not None and watermark.lower().endswith(".png"):
+        post["watermark"] = reference("watermark", check_image)
+    elif watermark is not None:
+        if len(watermark) > MAX_WATERMARK_TEXT or "\n" in watermark:
+            fail("watermark", watermark,
+                 f"watermark text must be one line of at most {MAX_WATERMARK_TEXT} characters")
+        post["watermark"] = watermark
+    post["audio"] = reference("audio", check_audio)
+
+    # 5. Output name
+    output_name = _clean(raw.get("output_name"))
+    if output_name is not None and not _is_safe_name(output_name):
+        fail("output_name", output_name, f"not a safe name: {SAFE_NAME_RULE}")
+
+    # 6. Sample expansion must keep ids safe and seeds in range
+    samples = post.get("num_samples") or 1
+    if samples > 1 and row_id and not _is_safe_name(f"{row_id}-s{samples - 1}"):
+        fail("num_samples", samples, f"the id with its -s{samples - 1} suffix would not be safe: "
+                                     f"{SAFE_NAME_RULE}")
+    if samples > 1 and generation and generation["seed"] + samples > 2**63:
+        fail("num_samples", samples, "seed + num_samples - 1 must stay below 2^63")
+
+    if errors or row_id is None or mode is None or prompt is None or model is None:
+        return None, errors
+    return ManifestRow(
+        row=number, id=row_id, mode=mode, prompt=prompt, model=model,
+        image=inputs["image"], driving_video=inputs["driving_video"], **generation,
+        fps=fps, interpolate_fps=post.get("interpolate_fps"), upscale=post.get("upscale"),
+        watermark=post.get("watermark"), preview=bool(post.get("preview")), audio=post.get("audio"),
+        output_name=output_name or row_id, num_samples=samples,
+    ), []
+
+
+def _expand_samples(row: ManifestRow) -> list[ManifestRow]:
+    """num_samples=N → N rows with seeds seed…seed+N−1 and ids/output names suffixed -s0…-s{N-1}."""
+    if row.num_samples == 1:
+        return [row]
+    return [dataclasses.replace(row, id=f"{row.id}-s{i}", output_name=f"{row.output_name}-s{i}",
+                                seed=row.seed + i, sample=i)
+            for i in range(row.num_samples)]
+
+
+# ── cell parsers (raise _CellError with the reason) ──────────────────────────────────────────────
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        number = float(text)
+    except ValueError:
+        raise _CellError(f"must be {what}") from None
+    if not number.is_integer():
+        raise _CellError(f"must be {what}")
+    return int(number)
+
+
+def _parse_fps(text: str) -> int:
+    fps = _parse_int(text, f"an integer between 1 and {MAX_FPS}")
+    if not 1 <= fps <= MAX_FPS:
+        raise _CellError(f"must be an integer between 1 and {MAX_FPS}")
+    return fps
+
+
+def _parse_interpolate_fps(text: str, fps: int) -> int:
+    rule = f"an integer above fps ({fps}) and at most {MAX_INTERPOLATE_FPS}"
+    target = _parse_int(text, rule)
+    if not fps < target <= MAX_INTERPOLATE_FPS:
+        raise _CellError(f"must be {rule}")
+    return target
+
+
+def _parse_upscale(text: str) -> float:
+    rule = f"a number in (1, {MAX_UPSCALE:g}] (e.g. 2)"
+    try:
+        factor = float(text)
+    except ValueError:
+        raise _CellError(f"must be {rule}") from None
+    if not (math.isfinite(factor) and 1 < factor <= MAX_UPSCALE):
+        raise _CellError(f"must be {rule}")
+    return factor
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise _CellError("must be true/false, 1/0 or yes/no")
+
+
+def _parse_num_samples(text: str) -> int:
+    count = _parse_int(text, f"an integer between 1 and {MAX_SAMPLES}")
+    if not 1 <= count <= MAX_SAMPLES:
+        raise _CellError(f"must be an integer between 1 and {MAX_SAMPLES}")
+    return count
+
+
+# ── file references ──────────────────────────────────────────────────────────────────────────────
+
+def _resolve_reference(value: str, ctx: _RowContext) -> str:
+    """A local path (made absolute, symlinks resolved, inside the allowed roots) or an allowed URI."""
+    scheme = _SCHEME.match(value)
+    if scheme:
+        name = scheme.group(1).lower()
+        if name == "https" and not ctx.allow_https:
+            raise _CellError("https:// inputs are not allowed for this run (allow_https is off); "
+                             "use a local path or s3://")
+        if name not in ("s3", "https"):
+            raise _CellError(f"{name}:// is not allowed; use a local path or s3://")
+        rest = value[len(name) + 3:] if value[len(name) + 1:].startswith("//") else ""
+        host, _, key = rest.partition("/")
+        if not host or not key or key.endswith("/"):
+            raise _CellError(f"not a valid {name}:// URI (expected {name}://<host or bucket>/<key>)")
+        return value
+    path = Path(value)
+    resolved = (path if path.is_absolute() else ctx.base_dir / path).resolve()
+    if not any(resolved.is_relative_to(root) for root in ctx.roots):
+        raise _CellError("path escapes the allowed folders ("
+                         + ", ".join(str(r) for r in ctx.roots) + ")")
+    return str(resolved)
+
+
+def _is_uri(reference: str) -> bool:
+    return reference.startswith(("s3://", "https://"))
+
+
+# ── small helpers ────────────────────────────────────────────────────────────────────────────────
+
+def _clean(value: object) -> str | None:
+    """A cell as text; empty or whitespace-only means "not given"."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _clean_run_params(run_params: Mapping[str, Any] | None) -> dict[str, str]:
+    params = {k: _clean(v) for k, v in (run_params or {}).items()}
+    unknown = sorted(k for k in params if k not in COLUMNS)
+    if unknown:
+        raise ValueError(f"run_params has unknown column(s): {', '.join(unknown)}")
+    per_row = sorted(k for k in params if k in ROW_ONLY_COLUMNS)
+    if per_row:
+        raise ValueError(f"run_params cannot set per-row column(s): {', '.join(per_row)}")
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _is_safe_name(name: str) -> bool:
+    return bool(SAFE_NAME.match(name)) and ".." not in name
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,395 @@
+"""Upload sinks: a local directory (default) or an S3-compatible bucket (Cloudflare R2).
+
+    UploadError                 base of every upload failure
+    ├── UploadAuthError         403 / SignatureDoesNotMatch / InvalidAccessKeyId: not retried
+    ├── UploadTransientError    5xx, 429, timeouts, connection errors: retryable
+    ├── UploadIntegrityError    the server computed another checksum than we sent (BadDigest)
+    └── UploadConflictError     the key already holds different bytes (another sha256)
+
+Writes are idempotent: an object whose size and metadata sha256 already match is skipped, and a
+new object is written with If-None-Match: * so a concurrent writer can never be overwritten; a
+412 is resolved by comparing sha256. Credentials are wrapped in `Secret`, whose repr hides them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+DEFAULT_PART_SIZE = 16 * MiB
+MIN_PART_SIZE = 5 * MiB          # R2/S3 minimum for every part except the last
+MAX_PRESIGN_SECONDS = 604_800    # 7 days: the R2 and SigV4 limit
+IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+_HASH_CHUNK = 1 * MiB
+
+_AUTH_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "Forbidden", "403",
+               "InvalidToken", "ExpiredToken", "UnrecognizedClientException"}
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "TooManyRequests",
+                    "RequestTimeTooSkewed"}
+
+
+class UploadError(RuntimeError):
+    """Base class of every upload failure."""
+
+
+class UploadAuthError(UploadError):
+    """Credentials were refused. Retrying cannot help."""
+
+
+class UploadTransientError(UploadError):
+    """The server or network failed in a way a later attempt may not."""
+
+
+class UploadIntegrityError(UploadError):
+    """The bytes the server received do not match the checksum we sent."""
+
+
+class UploadConflictError(UploadError):
+    """The key already holds an object with different content."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """For a Prefect `retry_condition_fn`: only transient failures are worth another attempt."""
+    return isinstance(exc, UploadTransientError)
+
+
+class Secret:
+    """A string that never shows up in repr(), str(), logs or tracebacks. Read it with `.get()`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # never pickle the value into result storage
+        raise TypeError("Secret cannot be pickled")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    uri: str
+    key: str
+    sha256: str
+    bytes: int
+    skipped: bool
+    presigned_url: str | None = None
+
+
+class Sink(Protocol):
+    def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
+            cache_control: str = IMMUTABLE_CACHE_CONTROL) -> UploadResult: ...
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Local directory
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalSink:
+    root: Path
+
+    def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
+            cache_control: str = IMMUTABLE_CACHE_CONTROL) -> UploadResult:
+        local_path = Path(local_path)
+        target = self.root / _clean_key(key)
+        size, sha256 = local_path.stat().st_size, file_sha256(local_path)
+        if target.is_file() and target.stat().st_size == size and file_sha256(target) == sha256:
+            return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Copy to a temp file in the same directory, then rename: readers never see a partial file.
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as out, local_path.open("rb") as src:
+                while chunk := src.read(_HASH_CHUNK):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=False)
+
+
+def _clean_key(key: str) -> str:
+    parts = [p for p in key.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"invalid object key {key!r}: must be a relative path without '..'")
+    return "/".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# R2 / S3 client
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class R2Credentials:
+    access_key_id: str
+    secret_access_key: Secret = field(repr=True)  # Secret's own repr hides the value
+    account_id: str | None = None
+    endpoint_url: str | None = None
+
+
+def r2_credentials(environ: dict[str, str] | None = None) -> R2Credentials:
+    """Read R2 credentials from env (`R2_*`) or, if `R2_SECRET_BLOCK` is set, from that Prefect Secret block."""
+    env = dict(os.environ if environ is None else environ)
+    block_name = env.get("R2_SECRET_BLOCK")
+    if block_name:
+        from prefect.blocks.system import Secret as SecretBlock
+
+        value = SecretBlock.load(block_name).get()
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise UploadError(f"Prefect Secret block {block_name!r} must hold a JSON object with R2_* keys")
+        env = {**env, **{k: str(v) for k, v in value.items()}}
+    missing = [name for name in ("R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY") if not env.get(name)]
+    if not env.get("R2_ACCOUNT_ID") and not env.get("R2_ENDPOINT_URL"):
+        missing.append("R2_ACCOUNT_ID (or R2_ENDPOINT_URL)")
+    if missing:
+        raise UploadError(f"R2 credentials missing: set {', '.join(missing)} in the environment "
+                          f"or in the Prefect Secret block named by R2_SECRET_BLOCK")
+    return R2Credentials(access_key_id=env["R2_ACCESS_KEY_ID"], secret_access_key=Secret(env["R2_SECRET_ACCESS_KEY"]),
+                         account_id=env.get("R2_ACCOUNT_ID") or None, endpoint_url=env.get("R2_ENDPOINT_URL") or None)
+
+
+def make_s3_client(endpoint_url: str | None = None, account_id: str | None = None, *, access_key_id: str,
+                   secret_access_key: str | Secret, region: str = "auto", verify: str | bool | None = None,
+                   max_attempts: int = 5, connect_timeout: float = 10, read_timeout: float = 60) -> Any:
+    """A boto3 S3 client configured for R2.
+
+    `when_required` checksums keep PutObject/UploadPart off the aws-chunked trailer format that R2
+    rejects; path-style addressing works on every endpoint. `region="auto"` is R2's region; local
+    test servers that check the signing region (ministack) need "us-east-1", which R2 also accepts.
+    """
+    if endpoint_url is None:
+        if not account_id:
+            raise UploadError("make_s3_client needs endpoint_url or account_id")
+        endpoint_url = f"https://{account_id}.r2.cloudflarestorage.com"
+    secret = secret_access_key if isinstance(secret_access_key, Secret) else Secret(secret_access_key)
+    config = Config(
+        signature_version="s3v4",  # also for presigned URLs (botocore would otherwise presign SigV2 in us-east-1)
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret.get(), verify=verify, config=config)
+
+
+def make_s3_client_from_env(environ: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    creds = r2_credentials(environ)
+    return make_s3_client(creds.endpoint_url, creds.account_id, access_key_id=creds.access_key_id,
+                          secret_access_key=creds.secret_access_key, **kwargs)
+
+
+def sink_from_uri(uri: str, client: Any = None, **s3_options: Any) -> LocalSink | S3Sink:
+    """`s3://bucket/prefix` -> S3Sink (client from R2_* env unless given); anything else -> LocalSink."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"sink URI {uri!r} names no bucket (expected s3://bucket/prefix)")
+        return S3Sink(bucket, prefix, client if client is not None else make_s3_client_from_env(), **s3_options)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return LocalSink(Path(uri))
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 sink
+# ---------------------------------------------------------------------------------------------
+
+class S3Sink:
+    def __init__(self, bucket: str, prefix: str, client: Any, *, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+                 part_size: int = DEFAULT_PART_SIZE, presign_expires: int | None = None):
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be >= 5 MiB ({MIN_PART_SIZE}), got {part_size}")
+        if presign_expires is not None:
+            _check_presign_expiry(presign_expires)
+        self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
+        self.multipart_threshold, self.part_size, self.presign_expires = multipart_threshold, part_size, presign_expires
+
+    def __repr__(self) -> str:
+        return f"S3Sink(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+    def full_key(self, key: str) -> str:
+        key = _clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
+            cache_control: str = IMMUTABLE_CACHE_CONTROL, *, skip_if_present: bool = True) -> UploadResult:
+        local_path = Path(local_path)
+        full_key = self.full_key(key)
+        size, sha256 = local_path.stat().st_size, file_sha256(local_path)
+        with _translate_errors(self.bucket, full_key):
+            skipped = skip_if_present and self._matches_existing(full_key, size, sha256, missing_ok=True)
+            if not skipped:
+                write = self._put_single if size < self.multipart_threshold else self._put_multipart
+                written = write(local_path, full_key, sha256, content_type, cache_control)
+                if not written:  # 412: someone else wrote the key first
+                    if not self._matches_existing(full_key, size, sha256, missing_ok=False):
+                        raise UploadConflictError(
+                            f"s3://{self.bucket}/{full_key} already exists with different content "
+                            f"(local sha256 {sha256}); the existing object was kept")
+                    skipped = True
+        presigned = self.presign(full_key, self.presign_expires) if self.presign_expires else None
+        logger.info("upload %s -> s3://%s/%s (%d bytes, skipped=%s)", local_path.name, self.bucket, full_key,
+                    size, skipped)
+        return UploadResult(uri=f"s3://{self.bucket}/{full_key}", key=full_key, sha256=sha256, bytes=size,
+                            skipped=skipped, presigned_url=presigned)
+
+    def presign(self, full_key: str, expires_seconds: int) -> str:
+        _check_presign_expiry(expires_seconds)
+        return str(self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": full_key}, ExpiresIn=expires_seconds))
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _matches_existing(self, full_key: str, size: int, sha256: str, *, missing_ok: bool) -> bool:
+        """True when the object exists with our size and sha256. Only a 404 means absent."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=full_key)
+        except botocore.exceptions.ClientError as exc:
+            if missing_ok and _status(exc) == 404:
+                return False
+            raise
+        return bool(head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256)
+
+    def _put_single(self, local_path: Path, full_key: str, sha256: str, content_type: str,
+                    cache_control: str) -> bool:
+        # ChecksumSHA256 goes out as a plain x-amz-checksum-sha256 header under when_required;
+        # ChecksumAlgorithm="SHA256" would switch back to the aws-chunked trailer R2 rejects.
+        with local_path.open("rb") as body:
+            return _if_none_match(lambda: self.client.put_object(
+                Bucket=self.bucket, Key=full_key, Body=body, IfNoneMatch="*",
+                ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(), Metadata={"sha256": sha256},
+                ContentType=content_type, CacheControl=cache_control))
+
+    def _put_multipart(self, local_path: Path, full_key: str, sha256: str, content_type: str,
+                       cache_control: str) -> bool:
+        # Low-level calls: upload_file cannot send IfNoneMatch. Equal part sizes (last one smaller) as R2 requires.
+        upload_id = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=full_key, Metadata={"sha256": sha256}, ContentType=content_type,
+            CacheControl=cache_control)["UploadId"]
+        try:
+            parts = []
+            with local_path.open("rb") as f:
+                for number, chunk in enumerate(_read_parts(f, self.part_size), start=1):
+                    md5 = base64.b64encode(hashlib.md5(chunk).digest()).decode()
+                    response = self.client.upload_part(Bucket=self.bucket, Key=full_key, UploadId=upload_id,
+                                                       PartNumber=number, Body=chunk, ContentMD5=md5)
+                    parts.append({"PartNumber": number, "ETag": response["ETag"]})
+            written = _if_none_match(lambda: self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full_key, UploadId=upload_id, IfNoneMatch="*",
+                MultipartUpload={"Parts": parts}))
+        except BaseException:
+            self._abort(full_key, upload_id)
+            raise
+        if not written:
+            self._abort(full_key, upload_id)
+        return written
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            logger.warning("could not abort multipart upload of s3://%s/%s: %s (R2 expires it after 7 days)",
+                           self.bucket, full_key, type(exc).__name__)
+
+
+def _read_parts(f: BinaryIO, part_size: int) -> Any:
+    while chunk := f.read(part_size):
+        yield chunk
+
+
+def _if_none_match(write: Any) -> bool:
+    """Run a conditional write; False when the key already existed (412 PreconditionFailed)."""
+    try:
+        write()
+    except botocore.exceptions.ClientError as exc:
+        if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
+            return False
+        raise
+    return True
+
+
+def _check_presign_expiry(seconds: int) -> None:
+    if not 1 <= seconds <= MAX_PRESIGN_SECONDS:
+        raise ValueError(f"presigned URL expiry must be 1..{MAX_PRESIGN_SECONDS} s (7 days, the R2 limit), "
+                         f"got {seconds}")
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class _translate_errors:
+    """Turn botocore exceptions into the UploadError tree (messages name bucket and key, never secrets)."""
+
+    def __init__(self, bucket: str, key: str):
+        self.where = f"s3://{bucket}/{key}"
+        self.bucket = bucket
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, UploadError):
+            return False
+        if isinstance(exc, botocore.exceptions.ClientError):
+            status, code = _status(exc), _code(exc)
+            if status == 403 or code in _AUTH_CODES:
+                raise UploadAuthError(
+                    f"R2/S3 refused the credentials for bucket {self.bucket!r} ({code or status}) while writing "
+                    f"{self.where}: check R2_ACCESS_KEY_ID/R2_SECRET_ACCESS_KEY (and that the key may write "
+                    f"this bucket)") from exc
+            if code == "BadDigest" or code == "InvalidDigest":
+                raise UploadIntegrityError(
+                    f"{self.where}: the server's checksum of the uploaded bytes does not match ours ({code}); "
+                    f"the file changed during upload or was corrupted in transit") from exc
+            if status >= 500 or status == 429 or code in _TRANSIENT_CODES:
+                raise UploadTransientError(f"{self.where}: server error {status} {code} after retries") from exc
+            raise UploadError(f"{self.where}: {code or status}: {exc.response.get('Error', {}).get('Message', '')}") \
+                from exc
+        if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+            raise UploadTransientError(f"{self.where}: network error after retries: {type(exc).__name__}") from exc
+        return False
