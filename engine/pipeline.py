@@ -212,7 +212,7 @@ class WanT2VPipeline:
         if todo:
             if self._text_encoder is None:
                 self._text_encoder = self._load_text_encoder()
-            self._text_encoder.to(self.device)
+            self._text_encoder.encoder.to(self.device)
             for i in todo:
                 emb, w = self._text_encoder.encode([prompts[i]])
                 out[i], warns[i] = emb[0].detach(), list(w)

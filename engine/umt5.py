@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +194,7 @@ class HFTokenizer:
     """Adapter over a local Hugging Face tokenizer (umT5's SentencePiece) with Wan's settings:
     special tokens (EOS) added, padded and truncated to text_len."""
 
-    def __init__(self, tokenizer: object):
+    def __init__(self, tokenizer: Any):  # a transformers PreTrainedTokenizer(Fast)
         self.tokenizer = tokenizer
 
     def tokenize(self, prompts: Sequence[str], text_len: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -229,7 +229,7 @@ class HashTokenizer:
     def tokenize(self, prompts: Sequence[str], text_len: int) -> tuple[Tensor, Tensor, list[int]]:
         ids = torch.full((len(prompts), text_len), self.PAD, dtype=torch.long)
         mask = torch.zeros((len(prompts), text_len), dtype=torch.long)
-        dropped = []
+        dropped: list[int] = []
         for row, prompt in enumerate(prompts):
             tokens = self.token_ids(prompt)
             dropped.append(max(0, len(tokens) - text_len))
@@ -274,7 +274,7 @@ class TextEncoder:
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, list[str]]:
         """-> (embeddings [B, text_len, dim] on the encoder's device and dtype, warnings)."""
         ids, mask, dropped = self.tokenizer.tokenize(list(prompts), self.text_len)
-        warnings = []
+        warnings: list[str] = []
         for index, count in enumerate(dropped):
             if count:
                 message = (f"prompt {index} is longer than {self.text_len} tokens: "

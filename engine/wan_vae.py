@@ -18,6 +18,8 @@ Nothing here is a buffer: the module is safe to build on `meta` and load with `a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -185,6 +187,8 @@ class Resample(nn.Module):
             raise ValueError(f"Resample mode {mode!r}: allowed {', '.join(self.MODES)}")
         self.mode = mode
         self.cache_slot = -1
+        # `resample` is a Sequential so the conv's key is `resample.1`; forward calls the conv
+        # itself (as a per-frame conv3d) and does the upsampling / padding of index 0 inline.
         if mode.startswith("upsample"):
             self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
                                           nn.Conv2d(channels, channels // 2, 3, padding=1))
@@ -400,7 +404,7 @@ class WanVAE(nn.Module):
             frames_u8[start:start + frames.shape[2]] = pixels.permute(1, 2, 3, 0)
         return frames_u8.cpu()
 
-    def _decode_chunks(self, latents: Tensor):
+    def _decode_chunks(self, latents: Tensor) -> Iterator[tuple[int, Tensor]]:
         """Yield (first output frame index, frames [B, 3, n, H, W]) per latent frame."""
         z = denormalize_latents(latents.to(device=self.device, dtype=self.dtype))
         x = self.conv2(z)

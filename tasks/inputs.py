@@ -64,8 +64,15 @@ def probe(path: str | Path) -> dict[str, Any]:
 def check_video(path: str | Path) -> dict[str, Any]:
     """ffprobe's description of a file that must hold a video stream."""
     info = probe(path)
-    if not _streams_of(info, "video"):
+    streams = _streams_of(info, "video")
+    if not streams:
         raise InputError("has no video stream")
+    if not any(s.get("width", 0) > 0 and s.get("height", 0) > 0 for s in streams):
+        raise InputError("its video stream has no frames ffprobe can size (not a readable video)")
+    # ffprobe opens still images as one-frame "video" through its image demuxers
+    format_name = str(info.get("format", {}).get("format_name", ""))
+    if format_name == "image2" or format_name.endswith("_pipe"):
+        raise InputError(f"is a still image ({format_name}), not a video")
     return info
 
 

@@ -17,7 +17,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,7 +206,8 @@ def r2_storage_options(env: Mapping[str, str]) -> dict[str, str] | None:
     options = {k: v for k, v in options.items() if v}
     if not options:
         return None
-    options["aws_region"] = "auto"   # R2 ignores the region; "auto" is what it documents
+    # R2 treats us-east-1 as its "auto" region; local S3 test servers redirect on "auto".
+    options["aws_region"] = "us-east-1"
     if endpoint.startswith("http://"):
         options["aws_allow_http"] = "true"  # local test servers only
     return options
@@ -353,7 +354,7 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
             generation = {c: getattr(request, c) for c in GENERATION_COLUMNS}
 
     # 3. Inputs and mode rules
-    def reference(column: str, check: Any) -> str | None:
+    def reference(column: str, check: Callable[[str], object]) -> str | None:
         value = value_of(column)
         if value is None:
             return None
@@ -413,9 +414,11 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
 
     # 6. Sample expansion must keep ids safe and seeds in range
     samples = post.get("num_samples") or 1
-    if samples > 1 and row_id and not _is_safe_name(f"{row_id}-s{samples - 1}"):
-        fail("num_samples", samples, f"the id with its -s{samples - 1} suffix would not be safe: "
-                                     f"{SAFE_NAME_RULE}")
+    last = f"-s{samples - 1}"
+    if samples > 1 and row_id and not (_is_safe_name(row_id + last)
+                                       and _is_safe_name((output_name or row_id) + last)):
+        fail("num_samples", samples, f"the id or output_name with its {last} suffix would not "
+                                     f"be safe: {SAFE_NAME_RULE}")
     if samples > 1 and generation and generation["seed"] + samples > 2**63:
         fail("num_samples", samples, "seed + num_samples - 1 must stay below 2^63")
 

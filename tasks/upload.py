@@ -100,7 +100,11 @@ class UploadResult:
 
 class Sink(Protocol):
     def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
-            cache_control: str = IMMUTABLE_CACHE_CONTROL) -> UploadResult: ...
+            cache_control: str = IMMUTABLE_CACHE_CONTROL, *, overwrite: bool = False) -> UploadResult: ...
+
+    def read_bytes(self, key: str, missing_ok: bool = False) -> bytes | None: ...
+
+    def verify(self, key: str, size: int, sha256: str) -> bool: ...
 
 
 def file_sha256(path: Path) -> str:
@@ -120,12 +124,16 @@ class LocalSink:
     root: Path
 
     def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
-            cache_control: str = IMMUTABLE_CACHE_CONTROL) -> UploadResult:
+            cache_control: str = IMMUTABLE_CACHE_CONTROL, *, overwrite: bool = False) -> UploadResult:
+        """Copy into root/key. Identical content is skipped; different content is a conflict unless overwrite."""
         local_path = Path(local_path)
         target = self.root / _clean_key(key)
         size, sha256 = local_path.stat().st_size, file_sha256(local_path)
-        if target.is_file() and target.stat().st_size == size and file_sha256(target) == sha256:
+        if self.verify(key, size, sha256):
             return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=True)
+        if target.exists() and not overwrite:
+            raise UploadConflictError(f"{target} already exists with different content "
+                                      f"(local sha256 {sha256}); pass overwrite=True to replace it")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Copy to a temp file in the same directory, then rename: readers never see a partial file.
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
@@ -140,6 +148,17 @@ class LocalSink:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=False)
+
+    def read_bytes(self, key: str, missing_ok: bool = False) -> bytes | None:
+        target = self.root / _clean_key(key)
+        if missing_ok and not target.is_file():
+            return None
+        return target.read_bytes()
+
+    def verify(self, key: str, size: int, sha256: str) -> bool:
+        """True when root/key exists with exactly this size and sha256."""
+        target = self.root / _clean_key(key)
+        return target.is_file() and target.stat().st_size == size and file_sha256(target) == sha256
 
 
 def _clean_key(key: str) -> str:
@@ -203,7 +222,9 @@ def make_s3_client(endpoint_url: str | None = None, account_id: str | None = Non
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        # total_max_attempts counts the first try; botocore's "max_attempts" key would count retries only
+        # (max_attempts=5 sends up to 6 requests).
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
     )
@@ -252,7 +273,11 @@ class S3Sink:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
-            cache_control: str = IMMUTABLE_CACHE_CONTROL, *, skip_if_present: bool = True) -> UploadResult:
+            cache_control: str = IMMUTABLE_CACHE_CONTROL, *, overwrite: bool = False,
+            skip_if_present: bool = True) -> UploadResult:
+        """Upload unless an identical object exists. Without `overwrite` the write is conditional
+        (If-None-Match: *) and different existing content raises UploadConflictError; with it, the
+        object is replaced (for mutable files such as records and metrics)."""
         local_path = Path(local_path)
         full_key = self.full_key(key)
         size, sha256 = local_path.stat().st_size, file_sha256(local_path)
@@ -260,7 +285,7 @@ class S3Sink:
             skipped = skip_if_present and self._matches_existing(full_key, size, sha256, missing_ok=True)
             if not skipped:
                 write = self._put_single if size < self.multipart_threshold else self._put_multipart
-                written = write(local_path, full_key, sha256, content_type, cache_control)
+                written = write(local_path, full_key, sha256, content_type, cache_control, overwrite)
                 if not written:  # 412: someone else wrote the key first
                     if not self._matches_existing(full_key, size, sha256, missing_ok=False):
                         raise UploadConflictError(
@@ -278,6 +303,22 @@ class S3Sink:
         return str(self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": full_key}, ExpiresIn=expires_seconds))
 
+    def read_bytes(self, key: str, missing_ok: bool = False) -> bytes | None:
+        full_key = self.full_key(key)
+        with _translate_errors(self.bucket, full_key):
+            try:
+                return bytes(self.client.get_object(Bucket=self.bucket, Key=full_key)["Body"].read())
+            except botocore.exceptions.ClientError as exc:
+                if missing_ok and (_status(exc) == 404 or _code(exc) == "NoSuchKey"):
+                    return None
+                raise
+
+    def verify(self, key: str, size: int, sha256: str) -> bool:
+        """True when the object exists with this size and metadata sha256 (one HEAD)."""
+        full_key = self.full_key(key)
+        with _translate_errors(self.bucket, full_key):
+            return self._matches_existing(full_key, size, sha256, missing_ok=True)
+
     # -- internals ------------------------------------------------------------------------------
 
     def _matches_existing(self, full_key: str, size: int, sha256: str, *, missing_ok: bool) -> bool:
@@ -291,17 +332,17 @@ class S3Sink:
         return bool(head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256)
 
     def _put_single(self, local_path: Path, full_key: str, sha256: str, content_type: str,
-                    cache_control: str) -> bool:
+                    cache_control: str, overwrite: bool) -> bool:
         # ChecksumSHA256 goes out as a plain x-amz-checksum-sha256 header under when_required;
         # ChecksumAlgorithm="SHA256" would switch back to the aws-chunked trailer R2 rejects.
         with local_path.open("rb") as body:
             return _if_none_match(lambda: self.client.put_object(
-                Bucket=self.bucket, Key=full_key, Body=body, IfNoneMatch="*",
+                Bucket=self.bucket, Key=full_key, Body=body, **_condition(overwrite),
                 ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(), Metadata={"sha256": sha256},
                 ContentType=content_type, CacheControl=cache_control))
 
     def _put_multipart(self, local_path: Path, full_key: str, sha256: str, content_type: str,
-                       cache_control: str) -> bool:
+                       cache_control: str, overwrite: bool) -> bool:
         # Low-level calls: upload_file cannot send IfNoneMatch. Equal part sizes (last one smaller) as R2 requires.
         upload_id = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=full_key, Metadata={"sha256": sha256}, ContentType=content_type,
@@ -315,7 +356,7 @@ class S3Sink:
                                                        PartNumber=number, Body=chunk, ContentMD5=md5)
                     parts.append({"PartNumber": number, "ETag": response["ETag"]})
             written = _if_none_match(lambda: self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=full_key, UploadId=upload_id, IfNoneMatch="*",
+                Bucket=self.bucket, Key=full_key, UploadId=upload_id, **_condition(overwrite),
                 MultipartUpload={"Parts": parts}))
         except BaseException:
             self._abort(full_key, upload_id)
@@ -335,6 +376,10 @@ class S3Sink:
 def _read_parts(f: BinaryIO, part_size: int) -> Any:
     while chunk := f.read(part_size):
         yield chunk
+
+
+def _condition(overwrite: bool) -> dict[str, str]:
+    return {} if overwrite else {"IfNoneMatch": "*"}
 
 
 def _if_none_match(write: Any) -> bool:

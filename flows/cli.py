@@ -1,0 +1,175 @@
+"""`turbo-batch` command line: validate, run, report, expand.
+
+Exit codes of `run` and `validate`: 0 every valid row succeeded (or, for validate, every row is
+valid); 1 some row failed or was invalid (good rows' outputs are still written); 2 the manifest
+cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# Columns that can be given as run parameters (CLI options); a manifest cell wins over them.
+RUN_PARAM_OPTIONS = ("model", "resolution", "aspect_ratio", "num_frames", "num_steps", "seed",
+                     "sigma_max", "attention_type", "sla_topk", "quant_linear", "fps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="turbo-batch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check a manifest and list every bad row")
+    _manifest_options(v)
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run a manifest end to end in this process")
+    _manifest_options(r)
+    dest = r.add_mutually_exclusive_group()
+    dest.add_argument("--out", help="local output folder (default ./out)")
+    dest.add_argument("--sink", help="s3://bucket/prefix (R2: set R2_ACCOUNT_ID, R2_ACCESS_KEY_ID, "
+                                     "R2_SECRET_ACCESS_KEY)")
+    r.add_argument("--checkpoints", help="checkpoints folder (default $CHECKPOINTS_DIR or ./checkpoints)")
+    r.add_argument("--max-rows-per-shard", type=int, default=25)
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="print the summary of a finished run")
+    rep.add_argument("location", help="output folder, metrics.parquet, or s3://bucket/prefix")
+    rep.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("expand", help="expand a prompt template YAML into a manifest CSV")
+    e.add_argument("template")
+    e.add_argument("-o", "--output", required=True)
+    e.set_defaults(func=cmd_expand)
+    return p
+
+
+def _manifest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="CSV or Parquet, local path or s3:// URI")
+    p.add_argument("--strict", action="store_true", help="refuse the whole batch on any bad row")
+    p.add_argument("--allow-https", action="store_true", help="accept https:// input URLs")
+    for name in RUN_PARAM_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name,
+                       help=f"default {name} for rows that leave it empty")
+    p.add_argument("--steps", dest="num_steps", help=argparse.SUPPRESS)
+
+
+def _run_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in RUN_PARAM_OPTIONS if getattr(args, k, None) is not None}
+
+
+def _read(args: argparse.Namespace):
+    from tasks.manifest import ManifestFileError, ManifestRowsError, read_manifest
+    try:
+        return read_manifest(args.manifest, run_params=_run_params(args), strict=args.strict,
+                             allow_https=args.allow_https)
+    except ManifestFileError as e:
+        print(f"turbo-batch: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ManifestRowsError as e:
+        for err in e.errors:
+            print(f"invalid {err}", file=sys.stderr)
+        print(f"turbo-batch: --strict: {len(e.errors)} bad row(s), nothing was run", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    m = _read(args)
+    for w in m.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for err in m.errors:
+        print(f"invalid {err}")
+    print(f"{len(m.rows)} valid row(s), {len(m.errors)} invalid")
+    return 1 if m.errors else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    m = _read(args)
+    for w in m.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for err in m.errors:
+        print(f"invalid {err}", file=sys.stderr)
+    sink = args.sink or str(Path(args.out or "out").resolve())
+    # Quiet, self-contained local runs: Prefect's ephemeral API, no telemetry writes racing SQLite.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    from flows import progress
+    from flows.batch import batch_flow
+
+    bar = _ProgressBar(len(m.rows), enabled=not args.no_progress and sys.stderr.isatty())
+    unsubscribe = progress.subscribe(bar.advance)
+    try:
+        result = batch_flow(manifest=str(args.manifest), sink=sink, run_params=_run_params(args),
+                            strict=args.strict, allow_https=args.allow_https,
+                            checkpoints_dir=args.checkpoints,
+                            max_rows_per_shard=args.max_rows_per_shard)
+    finally:
+        unsubscribe()
+        bar.close()
+    print(f"metrics: {result['metrics']['parquet']}")
+    return 0 if result["failed"] == 0 and result["invalid"] == 0 else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.metrics import read_metrics, summary_markdown
+    try:
+        df = read_metrics(args.location)
+    except (OSError, FileNotFoundError) as e:
+        print(f"turbo-batch: no metrics at {args.location}: {e}", file=sys.stderr)
+        return 2
+    print(summary_markdown(df, title=f"turbo-batch run: {args.location}"), end="")
+    return 0
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from prompts.templates import TemplateError, expand_template, write_manifest_csv
+    try:
+        rows = expand_template(Path(args.template))
+    except TemplateError as e:
+        print(f"turbo-batch: {e}", file=sys.stderr)
+        return 2
+    write_manifest_csv(rows, Path(args.output))
+    print(f"{len(rows)} row(s) written to {args.output}")
+    return 0
+
+
+class _ProgressBar:
+    """rich progress bar on stderr (rich comes with Prefect); silent when not a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.counts: dict[str, int] = {}
+        self._progress = None
+        if enabled and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self._progress = Progress(TextColumn("rows"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.description}"),
+                                      transient=False)
+            self._task = self._progress.add_task("", total=total)
+            self._progress.start()
+
+    def advance(self, row_id: str, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if self._progress is not None:
+            desc = " ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+            self._progress.update(self._task, advance=1, description=desc)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Deliver stage: post-process a row's frames, validate the mp4, upload everything, then the record.
+
+The record (`<key>.json`) is uploaded last and names every output with its size and sha256, so
+its presence means the row is complete. A re-run looks for it first (`find_completed`) and skips
+the row, GPU work included, when every output it lists still exists with that size and sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.postprocess import PostprocessRecipe, run_postprocess
+from tasks.upload import Sink, is_retryable
+from tasks.validate_video import validate_video
+
+CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".webp": "image/webp",
+                 ".json": "application/json"}
+
+
+@dataclass
+class DeliverOutput:
+    width: int
+    height: int
+    frames: int
+    fps: int
+    t_postprocess_s: float
+    t_validate_s: float
+    t_upload_s: float
+    output_uri: str
+    poster_uri: str
+    preview_uri: str | None
+    presigned_url: str | None
+    sha256: str
+    bytes: int
+    uploaded: int          # objects actually written (0 when everything already existed)
+
+
+def recipe_for(fields: dict) -> PostprocessRecipe:
+    return PostprocessRecipe(**{k: fields.get(k) for k in
+                                ("fps", "interpolate_fps", "upscale", "watermark", "preview", "audio")
+                                if fields.get(k) is not None})
+
+
+def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink) -> DeliverOutput:
+    work = frames_path.parent
+    t0 = time.perf_counter()
+    out = run_postprocess(frames_path, recipe_for(fields), work, key)
+    t1 = time.perf_counter()
+    validate_video(out.video_path, out.width, out.height, out.frames,
+                   expect_audio=bool(fields.get("audio")))
+    t2 = time.perf_counter()
+    files = [out.video_path, out.poster_path] + ([out.preview_path] if out.preview_path else [])
+    results = {}
+    for path in files:
+        ext = Path(path).suffix
+        results[ext] = sink.put(Path(path), f"{key}{ext}", content_type=CONTENT_TYPES[ext])
+    video = results[".mp4"]
+    record = {"key": key, "width": out.width, "height": out.height, "frames": out.frames,
+              "fps": out.fps, "outputs": {ext: {"key": r.key, "uri": r.uri, "sha256": r.sha256,
+                                                 "bytes": r.bytes} for ext, r in results.items()}}
+    record_path = work / f"{key}.json"
+    record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
+    rec = sink.put(record_path, f"{key}.json", content_type=CONTENT_TYPES[".json"],
+                   cache_control="no-cache", overwrite=True)
+    t3 = time.perf_counter()
+    shutil.rmtree(work, ignore_errors=True)
+    return DeliverOutput(
+        width=out.width, height=out.height, frames=out.frames, fps=out.fps,
+        t_postprocess_s=t1 - t0, t_validate_s=t2 - t1, t_upload_s=t3 - t2,
+        output_uri=video.uri, poster_uri=results[".jpg"].uri,
+        preview_uri=results[".webp"].uri if ".webp" in results else None,
+        presigned_url=video.presigned_url, sha256=video.sha256, bytes=video.bytes,
+        uploaded=sum(not r.skipped for r in (*results.values(), rec)))
+
+
+def find_completed(sink: Sink, key: str) -> dict | None:
+    """The row's record if it and every output it names exist with the recorded size and sha256."""
+    raw = sink.read_bytes(f"{key}.json", missing_ok=True)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        for out in record["outputs"].values():
+            if not sink.verify(out["key"], out["bytes"], out["sha256"]):
+                return None
+    except (ValueError, KeyError, TypeError):
+        return None       # a damaged record: redo the row
+    return record
+
+
+# Upload errors that are transient (5xx, timeouts) are retried with backoff; bad inputs and
+# auth errors are not. A failure fails only this row.
+deliver = task(run_deliver, name="deliver", task_run_name="deliver-{key}", cache_policy=NO_CACHE,
+               retries=2, retry_delay_seconds=[2, 10],
+               retry_condition_fn=lambda t, r, state: _retryable_state(state))
+
+
+def _retryable_state(state) -> bool:
+    try:
+        state.result()
+    except Exception as e:  # the task's own exception
+        return is_retryable(e)
+    return False
+
+
+def record_summary(record: dict) -> dict:
+    video = record["outputs"][".mp4"]
+    return {"width": record["width"], "height": record["height"], "frames": record["frames"],
+            "fps": record["fps"], "output_uri": video["uri"],
+            "poster_uri": record["outputs"][".jpg"]["uri"],
+            "preview_uri": record["outputs"].get(".webp", {}).get("uri"),
+            "sha256": video["sha256"], "bytes": video["bytes"]}
+
+
+__all__ = ["DeliverOutput", "deliver", "find_completed", "record_summary", "run_deliver",
+           "asdict"]

@@ -1,0 +1,195 @@
+"""Fan shards out and collect their metrics rows.
+
+Local: each shard is a subflow in this process; with several GPUs, one thread per GPU pulls
+shards from a queue (CUDA's current device is per thread, and the model cache keys by device).
+
+Deployments: each shard is a flow run of the gpu-shard deployment, created with
+`run_deployment(timeout=0, idempotency_key=…)`, a few at a time (SQLite answered 503 past about 16
+concurrent creations), then awaited. A shard that ends Crashed (SIGKILL, OOM killer, segfault:
+Prefect applies no retries then) or Failed is resubmitted with the next attempt number; rows it
+had finished are found complete in the sink and come back as skipped, so nothing is uploaded twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+CREATE_CONCURRENCY = 4
+
+
+@dataclass
+class ShardSpec:
+    index: int
+    rows: list            # ManifestRow
+    keys: list[str]
+
+    def parameters(self, common: dict[str, Any], attempt: int) -> dict[str, Any]:
+        return {"rows": [dataclasses.asdict(r) for r in self.rows], "keys": self.keys,
+                "shard": self.index, "attempt": attempt, **common}
+
+    def failed_rows(self, error: str, attempts: int) -> list[dict]:
+        return [{"id": r.id, "row": r.row, "mode": r.mode, "model": r.model, "seed": r.seed,
+                 "status": "failed", "error": error, "attempts": attempts} for r in self.rows]
+
+
+def local_gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def run_local(shard_flow: Callable[..., list[dict]], specs: list[ShardSpec], common: dict,
+              n_gpus: int) -> list[dict]:
+    results: list[dict] = []
+    if n_gpus <= 1:
+        for spec in specs:
+            results += _run_one_local(shard_flow, spec, common)
+        return results
+    todo: queue.Queue[ShardSpec] = queue.Queue()
+    for spec in specs:
+        todo.put(spec)
+    lock = threading.Lock()
+
+    def worker(gpu: int) -> None:
+        import torch
+        torch.cuda.set_device(gpu)
+        while True:
+            try:
+                spec = todo.get_nowait()
+            except queue.Empty:
+                return
+            rows = _run_one_local(shard_flow, spec, common)
+            with lock:
+                results.extend(rows)
+
+    threads = [threading.Thread(target=worker, args=(g,), name=f"gpu-{g}") for g in range(n_gpus)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _run_one_local(shard_flow: Callable[..., list[dict]], spec: ShardSpec, common: dict) -> list[dict]:
+    try:
+        return shard_flow(**spec.parameters(common, attempt=1))
+    except Exception as e:  # a shard-level failure (sink down, …) fails its rows, not the batch
+        log.error("shard %d failed: %s", spec.index, e)
+        return spec.failed_rows(f"shard {spec.index} failed: {e}", 1)
+
+
+def run_deployments(deployment: str, specs: list[ShardSpec], common: dict, *,
+                    max_attempts: int = 3, poll_s: float = 2.0) -> list[dict]:
+    return asyncio.run(_run_deployments(deployment, specs, common, max_attempts, poll_s)) \
+        if not _in_event_loop() else _run_in_thread(deployment, specs, common, max_attempts, poll_s)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _run_in_thread(*args: Any) -> list[dict]:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(_run_deployments(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+async def _run_deployments(deployment: str, specs: list[ShardSpec], common: dict,
+                           max_attempts: int, poll_s: float) -> list[dict]:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    batch_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else f"adhoc-{time.time_ns()}"
+    progress = await _Progress.create(sum(len(s.rows) for s in specs))
+    results: list[dict] = []
+    sem = asyncio.Semaphore(CREATE_CONCURRENCY)
+
+    async def one_shard(spec: ShardSpec) -> None:
+        for attempt in range(1, max_attempts + 1):
+            flow_run = await _submit(deployment, spec, common, attempt, batch_id, sem)
+            state = await _wait(flow_run.id, poll_s)
+            if state.is_completed():
+                rows = await state.result(fetch=True)
+                results.extend(rows)
+                await progress.advance(len(spec.rows))
+                return
+            log.warning("shard %d attempt %d ended %s: %s", spec.index, attempt, state.type.value,
+                        state.message)
+            last = f"shard {spec.index} ended {state.type.value} {attempt} time(s): {state.message}"
+        results.extend(spec.failed_rows(last, max_attempts))
+        await progress.advance(len(spec.rows))
+
+    await asyncio.gather(*(one_shard(s) for s in specs))
+    return results
+
+
+async def _submit(deployment: str, spec: ShardSpec, common: dict, attempt: int, batch_id: str,
+                  sem: asyncio.Semaphore):
+    from prefect.deployments import run_deployment
+
+    async with sem:   # bounded concurrent creations: SQLite locks up past ~16
+        return await run_deployment(
+            deployment, parameters=spec.parameters(common, attempt), timeout=0,
+            idempotency_key=f"{batch_id}:shard-{spec.index}:attempt-{attempt}",
+            flow_run_name=f"shard-{spec.index}-a{attempt}")
+
+
+async def _wait(flow_run_id, poll_s: float):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        while True:
+            run = await client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run.state
+            await asyncio.sleep(poll_s)
+
+
+class _Progress:
+    """A Prefect progress artifact on the batch run, advanced as shards finish."""
+
+    def __init__(self, total: int, artifact_id: Any):
+        self.total, self.done, self.artifact_id = total, 0, artifact_id
+
+    @classmethod
+    async def create(cls, total: int) -> _Progress:
+        from prefect.artifacts import acreate_progress_artifact
+        try:
+            aid = await acreate_progress_artifact(progress=0.0, key="batch-progress",
+                                                  description=f"rows finished of {total}")
+        except Exception:   # outside a flow run there is nothing to attach it to
+            aid = None
+        return cls(total, aid)
+
+    async def advance(self, n: int) -> None:
+        from prefect.artifacts import aupdate_progress_artifact
+        self.done += n
+        if self.artifact_id is not None:
+            await aupdate_progress_artifact(self.artifact_id,
+                                            progress=100.0 * self.done / max(self.total, 1))

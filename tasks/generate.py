@@ -1,0 +1,66 @@
+"""Generate stage: one manifest row → frames.npy in the row's work folder, through the warm engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from engine.pipeline import get_pipeline
+from tasks.manifest import ManifestRow
+
+
+@dataclass
+class GenerateOutput:
+    frames_path: Path
+    width: int
+    height: int
+    frames: int
+    fps: int
+    timings: dict[str, float]
+    peak_vram_gb: float
+    text_cache_hit: bool
+    gpu: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def gpu_label() -> str:
+    import torch
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", str(idx)).split(",")
+        return f"cuda:{visible[idx] if idx < len(visible) else idx} {torch.cuda.get_device_name(idx)}"
+    return "cpu"
+
+
+def embedding_cache_from_env():
+    """The on-disk text-embedding cache (TURBO_EMBED_CACHE, default ~/.cache/turbo-batch/text)."""
+    from prompts.embedding_cache import EmbeddingCache
+    root = os.environ.get("TURBO_EMBED_CACHE") or Path.home() / ".cache" / "turbo-batch" / "text"
+    return EmbeddingCache(Path(root))
+
+
+def run_generate(row: ManifestRow, work_dir: Path, *, checkpoints_dir: str | None = None,
+                 random_weights: bool = False) -> GenerateOutput:
+    req = row.request()
+    pipe = get_pipeline(row.model, checkpoints_dir=checkpoints_dir, attention_type=req.attention_type,
+                        sla_topk=req.sla_topk, quant_linear=req.quant_linear,
+                        embedding_cache=embedding_cache_from_env(), random_weights=random_weights)
+    result = pipe.generate(req)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    frames_path = work_dir / "frames.npy"
+    np.save(frames_path, result.frames)
+    return GenerateOutput(
+        frames_path=frames_path, width=result.width, height=result.height,
+        frames=result.num_frames, fps=result.fps, timings=result.timings,
+        peak_vram_gb=result.peak_vram_gb, text_cache_hit=result.text_cache_hit, gpu=gpu_label(),
+        warnings=result.warnings)
+
+
+# No retries: a bad request or CUDA OOM does not get better by repeating it on the same GPU.
+generate = task(run_generate, name="generate", task_run_name="generate-{row.id}",
+                cache_policy=NO_CACHE)

@@ -1,0 +1,70 @@
+"""Shard planning: group rows so each shard loads one model, then balance shards by cost.
+
+A shard is one flow run on one GPU with one warm model, so rows are grouped by everything that
+selects the loaded model (model, attention type, SLA top-k, int8 choice). Within a group, rows are
+dealt into shards by estimated cost, largest first onto the cheapest shard (LPT), with at most
+`max_rows` rows per shard and at least enough shards to keep `gpus` busy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from engine.config import WanConfig
+
+R = TypeVar("R")
+
+
+@dataclass
+class Shard(Generic[R]):
+    index: int
+    model_key: tuple
+    rows: list[R] = field(default_factory=list)
+    cost: float = 0.0
+
+
+def model_key(row) -> tuple:
+    req = row.request()
+    return (row.model, req.attention_type, req.sla_topk, req.quant_linear)
+
+
+def row_cost(row) -> float:
+    """frames × pixels × steps × model size: proportional to GPU seconds, good enough to balance."""
+    req = row.request()
+    cfg = WanConfig.from_name(row.model)
+    w, h = cfg.size(req.resolution, req.aspect_ratio)
+    return req.num_frames * w * h * req.num_steps * max(cfg.param_billions, 1e-3)
+
+
+def plan_shards(rows: Sequence[R], *, gpus: int = 1, max_rows: int = 25,
+                key: Callable[[R], tuple] = model_key,
+                cost: Callable[[R], float] = row_cost) -> list[Shard[R]]:
+    if max_rows < 1:
+        raise ValueError("max_rows must be at least 1")
+    groups: dict[tuple, list[R]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    shards: list[Shard[R]] = []
+    total = sum(len(g) for g in groups.values()) or 1
+    for k, group in groups.items():
+        # Enough shards for the row cap, and a share of the GPUs proportional to the group's size.
+        n = max(math.ceil(len(group) / max_rows), min(len(group), round(gpus * len(group) / total) or 1))
+        mine = [Shard[R](index=0, model_key=k) for _ in range(n)]
+        heap = [(0.0, i) for i in range(n)]
+        for r in sorted(group, key=cost, reverse=True):
+            while True:
+                c, i = heapq.heappop(heap)
+                if len(mine[i].rows) < max_rows:
+                    break
+            mine[i].rows.append(r)
+            mine[i].cost = c + cost(r)
+            heapq.heappush(heap, (mine[i].cost, i))
+        shards += [s for s in mine if s.rows]
+    shards.sort(key=lambda s: s.cost, reverse=True)   # longest first keeps the tail short
+    for i, s in enumerate(shards):
+        s.index = i
+    return shards
