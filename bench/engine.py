@@ -37,13 +37,15 @@ from engine.wan_vae import WanVAE  # noqa: E402
 SHAPES = {
     "1.3b-480p": ("wan2.1-t2v-1.3b", "480p"),
     "14b-720p": ("wan2.1-t2v-14b", "720p"),
+    "tiny-480p": ("tiny-t2v", "480p"),     # dry run of this script on a CPU: --device cpu
 }
 DEV = torch.device("cuda")
 DT = torch.bfloat16
 
 
 def sync() -> None:
-    torch.cuda.synchronize()
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -59,7 +61,17 @@ def timed(fn, repeats: int) -> list[float]:
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else 0.0
 
 
 # -- ours ------------------------------------------------------------------------------------
@@ -83,20 +95,20 @@ def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
     latents = denoise()          # warm-up: Triton autotune + compile
     sync()
     warmup_s = time.perf_counter() - t
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     times = timed(denoise, repeats)
-    peak_dit = torch.cuda.max_memory_allocated() / 1e9
-    del dit
+    peak_dit = peak_gb()
+    dit = None  # noqa: F841  (free before the next model)
     free()
 
     vae = loading.build_random(lambda: WanVAE(cfg.vae), seed=1, device=DEV, dtype=DT)
     z = latents.to(DT)
     with torch.inference_mode():
         vae.decode_to_uint8(z)   # warm-up
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         vae_times = timed(lambda: vae.decode_to_uint8(z), repeats)
-    peak_vae = torch.cuda.max_memory_allocated() / 1e9
-    del vae
+    peak_vae = peak_gb()
+    vae = None  # noqa: F841
     free()
     return {"denoise_s": statistics.median(times), "warmup_s": warmup_s,
             "vae_decode_s": statistics.median(vae_times),
@@ -107,7 +119,10 @@ def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
 def bench_peer(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: float,
                repeats: int, latents: torch.Tensor) -> dict[str, float]:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from turbodiffusion.SLA import SparseLinearAttention
+
+    from engine.attention import SparseLinearAttentionReference
+    if DEV.type == "cuda":
+        from turbodiffusion.SLA import SparseLinearAttention
 
     w, h = cfg.size(resolution, "16:9")
     with torch.device(DEV):
@@ -122,8 +137,9 @@ def bench_peer(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
             torch.set_default_dtype(prev)
     model.eval().requires_grad_(False)
     for block in model.blocks:
-        block.attn1.set_processor(_SLAProcessor(SparseLinearAttention(
-            cfg.head_dim, topk, BLKQ=128, BLKK=64).to(DEV)))
+        sla = SparseLinearAttention(cfg.head_dim, topk, BLKQ=128, BLKK=64) if DEV.type == "cuda" \
+            else SparseLinearAttentionReference(cfg.head_dim, topk)   # CPU dry run only
+        block.attn1.set_processor(_SLAProcessor(sla.to(DEV)))
     model.compile_repeated_blocks(fullgraph=False)
     _, lt, lh, lw = latent_shape(cfg, frames, w, h)
     x = torch.randn(1, 16, lt, lh, lw, device=DEV, dtype=DT)
@@ -136,14 +152,14 @@ def bench_peer(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
 
     forward()
     per_forward = statistics.median(timed(forward, repeats))
-    del model
+    model = None  # noqa: F841
     free()
 
     vae = AutoencoderKLWan().to(DEV, DT).eval()
     with torch.inference_mode():
         vae.decode(latents).sample  # warm-up
         vae_times = timed(lambda: vae.decode(latents).sample, repeats)
-    del vae
+    vae = None  # noqa: F841
     free()
     return {"peer_forward_s": per_forward, "peer_denoise_s": per_forward * steps,
             "peer_vae_decode_s": statistics.median(vae_times)}
@@ -173,15 +189,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 # -- text encoder and cold start ------------------------------------------------------------
-def bench_text(repeats: int) -> float:
-    ucfg = WanConfig.from_name("wan2.1-t2v-1.3b").umt5
+def bench_text(ucfg, repeats: int) -> float:
     enc = loading.build_random(lambda: UMT5Encoder(ucfg), seed=2, device=DEV, dtype=DT)
     te = TextEncoder(enc, HashTokenizer(ucfg.vocab_size), ucfg.text_len)
     prompt = " ".join(f"word{i}" for i in range(600))   # fills all 512 positions
     with torch.inference_mode():
         te.encode([prompt])
         t = statistics.median(timed(lambda: te.encode([prompt]), repeats))
-    del te, enc
+    te = enc = None  # noqa: F841
     free()
     return t
 
@@ -195,14 +210,17 @@ def drop_page_cache() -> bool:
         return False
 
 
-def bench_cold_start(tmp: Path) -> dict[str, object]:
-    cfg = WanConfig.from_name("wan2.1-t2v-1.3b")
+def bench_cold_start(cfg: WanConfig, tmp: Path) -> dict[str, object]:
     spec = AttentionSpec(type=resolve_attention("sla", DEV), topk=0.1)
     dit = loading.build_random(lambda: WanDiT(cfg, spec), seed=0, device=DEV, dtype=DT)
-    path = tmp / cfg.files.dit
+    path = tmp / (cfg.files.dit or f"{cfg.name}.pth")
     torch.save(dit.state_dict(), path)
-    del dit
+    dit = None  # noqa: F841  (free before the next model)
     free()
+    # Import everything a load touches first: dropping the page cache also evicts Python's and
+    # torch's module files, and a first meta build measured 7.7 s of cold imports, not loading.
+    with torch.device("meta"):
+        WanDiT(cfg, spec)
     cold = drop_page_cache()
     t = time.perf_counter()
     with path.open("rb", buffering=0) as f:
@@ -213,15 +231,43 @@ def bench_cold_start(tmp: Path) -> dict[str, object]:
         drop_page_cache()
     sync()
     t = time.perf_counter()
-    dit = loading.load_module(lambda: WanDiT(cfg, spec), path, device=DEV, dtype=DT)
+    phases: dict[str, float] = {}
+    dit = loading.load_module(lambda: WanDiT(cfg, spec), path, device=DEV, dtype=DT, timings=phases)
     sync()
     load_s = time.perf_counter() - t
+    dit = None  # noqa: F841
+    free()
+    t = time.perf_counter()
+    dit = loading.load_module(lambda: WanDiT(cfg, spec), path, device=DEV, dtype=DT)
+    sync()
+    warm_load_s = time.perf_counter() - t
+    dit = None  # noqa: F841
     size_gb = path.stat().st_size / 1e9
-    del dit
+    dit = None  # noqa: F841  (free before the next model)
     free()
     path.unlink()
-    return {"load_s": load_s, "raw_read_s": raw_s, "file_gb": size_gb,
+    return {"load_s": load_s, "raw_read_s": raw_s, "file_gb": size_gb, "load_phases": phases,
+            "warm_load_s": warm_load_s,
             "page_cache": "dropped before each" if cold else "warm (could not drop)"}
+
+
+def update_cold_start(cold: dict[str, object], args: argparse.Namespace) -> None:
+    import json
+    from bench.report import ROOT
+    path = ROOT / "docs" / "benchmarks" / "engine.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"shapes": {}}
+    payload["cold_start"] = cold
+    for row in payload.get("shapes", {}).values():
+        if "load_s" in row:
+            row.update(load_s=cold["load_s"], raw_read_s=cold["raw_read_s"])
+    payload = {k: v for k, v in payload.items() if k not in ("date", "card", "command")}
+    md = [f"Cold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
+          f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "
+          f"({cold['load_s'] / cold['raw_read_s']:.2f}×); phases {cold['load_phases']}; "
+          f"warm load {cold['warm_load_s']:.2f} s."]
+    print(md[0])
+    if not args.no_write:
+        write_results("engine", payload, md, Path(args.out) if args.out else None)
 
 
 def main() -> None:
@@ -235,15 +281,26 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--device", default="cuda", help="cpu: dry run of the script with --shapes tiny-480p")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--cold-start-only", action="store_true",
+                    help="measure only the checkpoint load and update engine.json's cold_start")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/engine.py needs a CUDA device")
+    global DEV, DT
+    DEV = torch.device(args.device)
+    if DEV.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/engine.py needs a CUDA device (or --device cpu for a dry run)")
+    if DEV.type == "cpu":
+        DT = torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
 
     results: dict[str, dict[str, object]] = {}
     table = []
-    text_s = bench_text(args.repeats)
-    cold = bench_cold_start(Path(args.tmp))
+    first = WanConfig.from_name(SHAPES[args.shapes.split(",")[0]][0])
+    text_s = bench_text(first.umt5, args.repeats)
+    cold = bench_cold_start(first, Path(args.tmp))   # the 1.3B file in a real run
+    if args.cold_start_only:
+        return update_cold_start(cold, args)
     print(f"text encoder (umT5-XXL, 512 tokens): {text_s:.3f} s; cold start {cold}", flush=True)
     for name in args.shapes.split(","):
         model, res = SHAPES[name]
@@ -256,15 +313,19 @@ def main() -> None:
             row.update(bench_peer(cfg, res, args.frames, args.steps, args.topk, repeats, latents))
             row["denoise_vs_peer"] = row["denoise_s"] / row["peer_denoise_s"]
             row["vae_vs_peer"] = row["vae_decode_s"] / row["peer_vae_decode_s"]
-        if name.startswith("1.3b"):
+        if cfg.name == first.name:
             row.update({k: v for k, v in cold.items() if k in ("load_s", "raw_read_s")})
         results[f"{name}-{args.frames}f"] = row
         table.append(row)
         print_table([row])
         sys.stdout.flush()
 
-    import triton
-    payload = {"torch": torch.__version__, "triton": triton.__version__, "steps": args.steps,
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    payload = {"torch": torch.__version__, "triton": triton_version, "steps": args.steps,
                "sla_topk": args.topk, "cold_start": cold, "shapes": results}
     md = ["| shape | denoise s | peer denoise s | VAE decode s | peer VAE s | peak VRAM GB | text s |",
           "|---|---|---|---|---|---|---|"]
@@ -275,7 +336,8 @@ def main() -> None:
     md.append(f"\nCold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
               f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "
               f"({cold['load_s'] / cold['raw_read_s']:.2f}×).")
-    write_results("engine", payload, md, Path(args.out) if args.out else None)
+    if not args.no_write:
+        write_results("engine", payload, md, Path(args.out) if args.out else None)
     print()
     print_table(table)
 

@@ -14,6 +14,7 @@ construction except parameters, and the RoPE tables are a plain cache, not state
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -280,7 +281,7 @@ class WanDiT(nn.Module):
         out = self.head(tokens, e)                                                     # [B, L, kt*kh*kw*out]
         return unpatchify(out, grid, self.config.patch_size)
 
-    def compile_blocks(self, **kw: object) -> None:
+    def compile_blocks(self, **kw: Any) -> None:
         """Regional compile: torch.compile each block in place (state_dict keys unchanged). Explicit call only."""
         for block in self.blocks:
             block.compile(**kw)

@@ -51,7 +51,12 @@ def batch_flow(
 
     keys = {r.id: output_key(r, row_hash(r, model_identity(r.model, checkpoints_dir)))
             for r in m.rows}
-    n_gpus = gpus if gpus is not None else fanout.local_gpu_count()
+    if gpus is not None:
+        n_gpus = gpus
+    elif launch == "deployments":   # one online worker per GPU on the shard deployment's pool
+        n_gpus = fanout.pool_worker_count(shard_deployment)
+    else:
+        n_gpus = fanout.local_gpu_count()
     shards = plan_shards(m.rows, gpus=max(n_gpus, 1), max_rows=max_rows_per_shard)
     log.info("%d valid rows, %d invalid, %d shards", len(m.rows), len(m.errors), len(shards))
     specs = [fanout.ShardSpec(index=s.index, rows=s.rows, keys=[keys[r.id] for r in s.rows])

@@ -87,8 +87,10 @@ def find_completed(sink: Sink, key: str) -> dict | None:
         return None
     try:
         record = json.loads(raw)
-        for out in record["outputs"].values():
-            if not sink.verify(out["key"], out["bytes"], out["sha256"]):
+        # Verify by the sink-relative key `<key><ext>`: the recorded "key" of an S3 output
+        # already includes the sink's prefix, which verify() would add a second time.
+        for ext, out in record["outputs"].items():
+            if not sink.verify(f"{key}{ext}", out["bytes"], out["sha256"]):
                 return None
     except (ValueError, KeyError, TypeError):
         return None       # a damaged record: redo the row

@@ -13,6 +13,7 @@ had finished are found complete in the sink and come back as skipped, so nothing
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import queue
@@ -46,6 +47,24 @@ def local_gpu_count() -> int:
         import torch
         return torch.cuda.device_count()
     except ImportError:
+        return 0
+
+
+def pool_worker_count(deployment: str) -> int:
+    """Online workers of the deployment's work pool: one per GPU, so shards to plan for (0 if unknown)."""
+    async def count() -> int:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name(deployment)
+            workers = await client.read_workers_for_work_pool(
+                dep.work_pool_name, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
+            return len(workers)
+    try:
+        return _run_coro(count())
+    except Exception as e:   # planning still works with one shard per max_rows
+        log.warning("could not count the workers of %s's pool: %s", deployment, e)
         return 0
 
 
@@ -91,8 +110,7 @@ def _run_one_local(shard_flow: Callable[..., list[dict]], spec: ShardSpec, commo
 
 def run_deployments(deployment: str, specs: list[ShardSpec], common: dict, *,
                     max_attempts: int = 3, poll_s: float = 2.0) -> list[dict]:
-    return asyncio.run(_run_deployments(deployment, specs, common, max_attempts, poll_s)) \
-        if not _in_event_loop() else _run_in_thread(deployment, specs, common, max_attempts, poll_s)
+    return _run_coro(_run_deployments(deployment, specs, common, max_attempts, poll_s))
 
 
 def _in_event_loop() -> bool:
@@ -103,16 +121,22 @@ def _in_event_loop() -> bool:
         return False
 
 
-def _run_in_thread(*args: Any) -> list[dict]:
+def _run_coro(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, in a fresh thread if a loop already runs here."""
+    return asyncio.run(coro) if not _in_event_loop() else _run_in_thread(coro)
+
+
+def _run_in_thread(coro: Any) -> Any:
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(_run_deployments(*args))
+            box["value"] = asyncio.run(coro)
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=target)
+    # Carry the flow-run context (batch run id, artifact owner) into the thread.
+    t = threading.Thread(target=contextvars.copy_context().run, args=(target,))
     t.start()
     t.join()
     if "error" in box:
@@ -133,17 +157,18 @@ async def _run_deployments(deployment: str, specs: list[ShardSpec], common: dict
     async def one_shard(spec: ShardSpec) -> None:
         for attempt in range(1, max_attempts + 1):
             flow_run = await _submit(deployment, spec, common, attempt, batch_id, sem)
-            state = await _wait(flow_run.id, poll_s)
+            state = await _wait(flow_run.id, poll_s,
+                                on_poll=lambda n: progress.shard_rows(spec.index, n))
             if state.is_completed():
-                rows = await state.result(fetch=True)
+                rows = await state.aresult()
                 results.extend(rows)
-                await progress.advance(len(spec.rows))
+                await progress.shard_rows(spec.index, len(spec.rows))
                 return
             log.warning("shard %d attempt %d ended %s: %s", spec.index, attempt, state.type.value,
                         state.message)
             last = f"shard {spec.index} ended {state.type.value} {attempt} time(s): {state.message}"
         results.extend(spec.failed_rows(last, max_attempts))
-        await progress.advance(len(spec.rows))
+        await progress.shard_rows(spec.index, len(spec.rows))
 
     await asyncio.gather(*(one_shard(s) for s in specs))
     return results
@@ -151,16 +176,18 @@ async def _run_deployments(deployment: str, specs: list[ShardSpec], common: dict
 
 async def _submit(deployment: str, spec: ShardSpec, common: dict, attempt: int, batch_id: str,
                   sem: asyncio.Semaphore):
-    from prefect.deployments import run_deployment
+    # The a-prefixed API: the plain names dispatch on the caller's flow, and batch_flow is sync.
+    from prefect.deployments.flow_runs import arun_deployment
 
     async with sem:   # bounded concurrent creations: SQLite locks up past ~16
-        return await run_deployment(
+        return await arun_deployment(
             deployment, parameters=spec.parameters(common, attempt), timeout=0,
             idempotency_key=f"{batch_id}:shard-{spec.index}:attempt-{attempt}",
             flow_run_name=f"shard-{spec.index}-a{attempt}")
 
 
-async def _wait(flow_run_id, poll_s: float):
+async def _wait(flow_run_id, poll_s: float, on_poll: Callable[[int], Any] | None = None):
+    """Poll until the run is final; between polls, pass on how many of its rows have finished."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
@@ -168,14 +195,38 @@ async def _wait(flow_run_id, poll_s: float):
             run = await client.read_flow_run(flow_run_id)
             if run.state is not None and run.state.is_final():
                 return run.state
+            if on_poll is not None:
+                await on_poll(await _rows_finished(client, flow_run_id))
             await asyncio.sleep(poll_s)
 
 
+async def _rows_finished(client: Any, flow_run_id: Any) -> int:
+    """Rows of a running shard that are done: deliver task runs that ended, generate runs that failed.
+
+    Rows the shard skips (already in the sink) run no task and are counted when the shard ends.
+    """
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
+                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))))
+    except Exception:   # progress is best effort; the wait goes on
+        return 0
+    return sum(1 for r in runs if r.name.startswith("deliver-")
+               or (r.name.startswith("generate-") and r.state_type != StateType.COMPLETED))
+
+
 class _Progress:
-    """A Prefect progress artifact on the batch run, advanced as shards finish."""
+    """A Prefect progress artifact on the batch run: rows finished over all shards."""
 
     def __init__(self, total: int, artifact_id: Any):
-        self.total, self.done, self.artifact_id = total, 0, artifact_id
+        self.total, self.artifact_id = total, artifact_id
+        self.per_shard: dict[int, int] = {}
+        self.reported = -1
 
     @classmethod
     async def create(cls, total: int) -> _Progress:
@@ -187,9 +238,16 @@ class _Progress:
             aid = None
         return cls(total, aid)
 
-    async def advance(self, n: int) -> None:
+    @property
+    def done(self) -> int:
+        return sum(self.per_shard.values())
+
+    async def shard_rows(self, shard: int, finished: int) -> None:
+        """Shard `shard` has finished `finished` rows (never goes back: a resubmitted shard
+        starts its count over, but the rows it finished before stay finished)."""
         from prefect.artifacts import aupdate_progress_artifact
-        self.done += n
-        if self.artifact_id is not None:
+        self.per_shard[shard] = max(self.per_shard.get(shard, 0), finished)
+        if self.artifact_id is not None and self.done != self.reported:
+            self.reported = self.done
             await aupdate_progress_artifact(self.artifact_id,
                                             progress=100.0 * self.done / max(self.total, 1))

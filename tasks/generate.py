@@ -34,7 +34,9 @@ def gpu_label() -> str:
         idx = torch.cuda.current_device()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", str(idx)).split(",")
         return f"cuda:{visible[idx] if idx < len(visible) else idx} {torch.cuda.get_device_name(idx)}"
-    return "cpu"
+    # A worker pinned with CUDA_VISIBLE_DEVICES but running on CPU (tests, tiny preset) says which.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"cpu (CUDA_VISIBLE_DEVICES={visible})" if visible else "cpu"
 
 
 def embedding_cache_from_env():

@@ -234,7 +234,12 @@ def make_s3_client(endpoint_url: str | None = None, account_id: str | None = Non
 
 
 def make_s3_client_from_env(environ: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """A client from the R2_* variables. R2_CA_BUNDLE (a PEM file) is the CA to trust for a private
+    or test endpoint; without it boto3's default applies (AWS_CA_BUNDLE, then certifi)."""
     creds = r2_credentials(environ)
+    ca_bundle = (os.environ if environ is None else environ).get("R2_CA_BUNDLE")
+    if ca_bundle:
+        kwargs.setdefault("verify", ca_bundle)
     return make_s3_client(creds.endpoint_url, creds.account_id, access_key_id=creds.access_key_id,
                           secret_access_key=creds.secret_access_key, **kwargs)
 

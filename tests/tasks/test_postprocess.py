@@ -14,8 +14,6 @@ from PIL import Image
 from tasks.postprocess import (
     PostprocessError,
     PostprocessRecipe,
-    check_input_image,
-    probe_input_video,
     run_postprocess,
 )
 
@@ -185,31 +183,3 @@ def test_recipe_validation_and_stable_description():
         PostprocessRecipe(upscale=0)
 
 
-def test_check_input_image(tmp_path):
-    good = tmp_path / "ok.png"
-    Image.new("RGB", (40, 30), (1, 2, 3)).save(good)
-    assert check_input_image(good) == (40, 30)
-    with pytest.raises(ValueError, match="does not exist"):
-        check_input_image(tmp_path / "missing.png")
-    garbage = tmp_path / "bad.png"
-    garbage.write_bytes(b"not an image at all")
-    with pytest.raises(ValueError, match="cannot be decoded"):
-        check_input_image(garbage)
-    truncated = tmp_path / "cut.jpg"
-    Image.fromarray(moving_gradient(1, 64, 64)[0]).save(tmp_path / "full.jpg")
-    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:300])
-    with pytest.raises(ValueError, match="cannot be decoded"):
-        check_input_image(truncated)
-
-
-def test_probe_input_video(frames_path, tmp_path):
-    out = run_postprocess(frames_path, PostprocessRecipe(), tmp_path, "clip")
-    info = probe_input_video(out.video_path)
-    assert (info["codec"], info["width"], info["height"], info["frames"]) == ("h264", WIDTH, HEIGHT, FRAMES)
-    assert info["fps"] == pytest.approx(16) and info["seconds"] == pytest.approx(FRAMES / 16, abs=0.01)
-    with pytest.raises(ValueError, match="does not exist"):
-        probe_input_video(tmp_path / "missing.mp4")
-    garbage = tmp_path / "bad.mp4"
-    garbage.write_bytes(b"\x00" * 1000)
-    with pytest.raises(ValueError, match="ffprobe cannot read it"):
-        probe_input_video(garbage)

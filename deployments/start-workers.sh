@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Start the Prefect process workers of one host and wait on them:
+#   - one worker per GPU on the `gpu` pool, pinned by CUDA_VISIBLE_DEVICES in its own environment
+#     (never in job_variables: a deployment's env would override the worker's), --limit 1;
+#   - one worker on the `cpu` pool for the batch and nightly flows (CPU_WORKER=0 to skip).
+# GPUs: GPUS=N overrides the count; otherwise `nvidia-smi -L`; GPUS=2 on a machine without CUDA
+# gives two CPU "GPU" workers (tests, the tiny preset).
+# Each worker logs to $LOG_DIR/<name>.log; their pids go to $LOG_DIR/workers.pids.
+# SIGINT or SIGTERM to this script is passed on to every worker as SIGINT (a Prefect worker stops
+# faster on SIGINT than on SIGTERM). If one worker dies, the others are stopped and the script
+# exits non-zero, so systemd or the container runtime restarts the whole set.
+set -euo pipefail
+set -m   # background jobs in their own process groups, with SIGINT not ignored
+
+: "${PREFECT_API_URL:?set PREFECT_API_URL (e.g. http://prefect-server:4200/api)}"
+export TURBO_BATCH_HOME="${TURBO_BATCH_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+LOG_DIR="${LOG_DIR:-$TURBO_BATCH_HOME/logs}"
+HOST="${WORKER_HOST:-$(hostname -s)}"
+CPU_WORKER="${CPU_WORKER:-1}"
+CPU_LIMIT="${CPU_LIMIT:-4}"
+GPU_POOL="${GPU_POOL:-gpu}"
+CPU_POOL="${CPU_POOL:-cpu}"
+mkdir -p "$LOG_DIR"
+
+if [[ -n "${GPUS:-}" ]]; then
+    n_gpus="$GPUS"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    n_gpus="$(nvidia-smi -L | grep -c '^GPU ' || true)"
+else
+    n_gpus=0
+fi
+if [[ "$n_gpus" -eq 0 && "$CPU_WORKER" == 0 ]]; then
+    echo "start-workers: no GPU found (set GPUS=N) and CPU_WORKER=0: nothing to start" >&2
+    exit 1
+fi
+
+pids=()
+start() {   # start NAME ENV... -- ARGS...: one worker in the background, logging to its own file
+    local name="$1"; shift
+    local envs=()
+    while [[ "$1" != "--" ]]; do envs+=("$1"); shift; done
+    shift
+    env "${envs[@]}" prefect worker start --type process --name "$name" "$@" \
+        >"$LOG_DIR/$name.log" 2>&1 &
+    pids+=($!)
+    echo "started $name (pid $!), log $LOG_DIR/$name.log"
+}
+
+for ((i = 0; i < n_gpus; i++)); do
+    start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" -- --pool "$GPU_POOL" --limit 1
+done
+if [[ "$CPU_WORKER" != 0 ]]; then
+    start "$HOST-cpu" "CUDA_VISIBLE_DEVICES=" -- --pool "$CPU_POOL" --limit "$CPU_LIMIT"
+fi
+printf '%s\n' "${pids[@]}" >"$LOG_DIR/workers.pids"
+
+stop() {
+    trap - INT TERM
+    echo "stopping ${#pids[@]} worker(s)"
+    kill -INT "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+}
+trap 'stop; exit 0' INT TERM
+
+# Returns when the first worker exits (or a signal arrives and the trap runs).
+wait -n "${pids[@]}" || true
+echo "a worker exited; stopping the others" >&2
+stop
+exit 1

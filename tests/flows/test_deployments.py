@@ -1,0 +1,305 @@
+"""End to end on a real Prefect stack (see conftest.py): `prefect deployment run 'batch/batch'`
+fans shards out to two pinned "GPU" process workers, which upload to a TLS S3 server.
+
+Checks that do not trust the pipeline's own bookkeeping:
+- the bucket has versioning on, so every PUT leaves a version: "uploaded exactly once" is one
+  version per output key, counted by the S3 server;
+- which worker ran a shard comes from the worker's CUDA_VISIBLE_DEVICES as seen by the shard
+  process (the metrics' `gpu` column), and from the flow runs' states in the Prefect API;
+- the crash is a real SIGKILL of the shard's process, found through the run's infrastructure pid
+  and checked against that process's PREFECT__FLOW_RUN_ID.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+e2e = [pytest.mark.slow, pytest.mark.timeout(600)]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+ROW_IDS = [f"clip-{i}" for i in range(6)]
+ASPECTS = ["16:9", "9:16", "1:1", "4:3", "3:4", "16:9"]
+
+
+def write_manifest(path: Path, ids: list[str], num_frames: int = 9) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "mode", "prompt", "model", "aspect_ratio", "num_frames", "num_steps", "seed"])
+        for i, row_id in enumerate(ids):
+            w.writerow([row_id, "t2v", f"test clip number {i}", "tiny-t2v", ASPECTS[i % len(ASPECTS)],
+                        num_frames, 2, 100 + i])
+    return path
+
+
+def versioned_bucket(stack) -> str:
+    client = stack.s3.client()
+    bucket = stack.s3.create_bucket()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return bucket
+
+
+def versions_per_key(stack, bucket: str, prefix: str) -> Counter:
+    client = stack.s3.client()
+    counts: Counter = Counter()
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for v in page.get("Versions", []):
+            counts[v["Key"]] += 1
+    return counts
+
+
+def read_metrics(stack, bucket: str, prefix: str) -> pl.DataFrame:
+    body = stack.s3.client().get_object(Bucket=bucket, Key=f"{prefix}/metrics.parquet")["Body"].read()
+    return pl.read_parquet(io.BytesIO(body))
+
+
+def run_batch(stack, manifest: Path, sink: str, *extra: str) -> None:
+    stack.prefect("deployment", "run", "batch/batch", "--param", f"manifest={manifest}",
+                  "--param", f"sink={sink}", *extra, "--watch", "--watch-timeout", "300")
+
+
+def flow_runs(stack, flow_name: str, sink: str):
+    """Runs of `flow_name` whose `sink` parameter is this test's sink (parameters are not filterable)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with stack.settings(), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return [r for r in runs if r.parameters.get("sink") == sink]
+
+
+def output_keys(prefix: str, counts: Counter, ext: str) -> list[str]:
+    return sorted(k for k in counts if k.startswith(prefix + "/") and k.endswith(ext))
+
+
+@e2e[0]
+@e2e[1]
+def test_batch_deployment_fans_out_to_both_gpu_workers_and_uploads_once(prefect_stack, tmp_path):
+    stack = prefect_stack
+    bucket, prefix = versioned_bucket(stack), "videos"
+    sink = f"s3://{bucket}/{prefix}"
+    manifest = write_manifest(tmp_path / "six.csv", ROW_IDS)
+
+    t0 = time.monotonic()
+    run_batch(stack, manifest, sink, "--param", "max_rows_per_shard=2")
+    first_run_s = time.monotonic() - t0
+
+    df = read_metrics(stack, bucket, prefix)
+    assert sorted(df["id"].to_list()) == ROW_IDS
+    assert df["status"].to_list() == ["succeeded"] * 6, df.select("id", "status", "error")
+    assert df["attempts"].to_list() == [1] * 6
+    # The two GPU workers each ran shards: the shard process saw its worker's pin.
+    assert set(df["gpu"].to_list()) == {"cpu (CUDA_VISIBLE_DEVICES=0)", "cpu (CUDA_VISIBLE_DEVICES=1)"}
+
+    shards = flow_runs(stack, "gpu-shard", sink)
+    assert len(shards) == 3 and all(r.state_type.value == "COMPLETED" for r in shards)
+    assert sorted(len(r.parameters["rows"]) for r in shards) == [2, 2, 2]
+    assert all(r.work_queue_name == "default" and r.work_pool_name == "gpu" for r in shards)
+    assert all(r.parent_task_run_id is not None for r in shards)   # subflows of the batch run
+
+    counts = versions_per_key(stack, bucket, prefix)
+    mp4s, records = output_keys(prefix, counts, ".mp4"), output_keys(prefix, counts, ".json")
+    assert len(mp4s) == 6 and len(records) == 6
+    assert sorted(f"s3://{bucket}/{k}" for k in mp4s) == sorted(df["output_uri"].to_list())
+    once = {k: n for k, n in counts.items() if not k.startswith(f"{prefix}/metrics.")}
+    assert set(once.values()) == {1}, once
+    heads = {k: stack.s3.client().head_object(Bucket=bucket, Key=k) for k in mp4s}
+    assert all(h["ContentLength"] > 0 and h["ContentType"] == "video/mp4" for h in heads.values())
+
+    # The batch run's progress artifact reached 100 %.
+    _assert_progress_complete(stack, sink)
+
+    # Same manifest again: every row is found complete in the sink, nothing is written again.
+    run_batch(stack, manifest, sink, "--param", "max_rows_per_shard=2")
+    again = read_metrics(stack, bucket, prefix)
+    assert again["status"].to_list() == ["skipped"] * 6
+    assert again["output_uri"].to_list() == df["output_uri"].to_list()
+    after = versions_per_key(stack, bucket, prefix)
+    assert {k: n for k, n in after.items() if not k.startswith(f"{prefix}/metrics.")} == once
+    for k, h in heads.items():
+        assert stack.s3.client().head_object(Bucket=bucket, Key=k)["ETag"] == h["ETag"]
+    print(f"first batch {first_run_s:.1f} s")
+
+
+def _assert_progress_complete(stack, sink: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    (batch,) = [r for r in flow_runs(stack, "batch", sink)]
+    with stack.settings(), get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[batch.id])))
+    progress = [a for a in arts if a.type == "progress"]
+    assert len(progress) == 1 and float(progress[0].data) == pytest.approx(100.0)
+
+
+@e2e[0]
+@e2e[1]
+def test_sigkilled_shard_is_resubmitted_and_finished_rows_are_not_uploaded_again(prefect_stack, tmp_path):
+    stack = prefect_stack
+    bucket, prefix = versioned_bucket(stack), "crash"
+    sink = f"s3://{bucket}/{prefix}"
+    ids = [f"crash-{i}" for i in range(3)]
+    # One shard of three rows with more frames, so the shard is still busy after its first row.
+    manifest = write_manifest(tmp_path / "crash.csv", ids, num_frames=17)
+    batch = subprocess.Popen(
+        ["prefect", "deployment", "run", "batch/batch", "--param", f"manifest={manifest}",
+         "--param", f"sink={sink}", "--param", "gpus=1", "--param", "max_rows_per_shard=3",
+         "--watch", "--watch-timeout", "300"],
+        env=stack.env, cwd=stack.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        shard = _wait_for(lambda: [r for r in flow_runs(stack, "gpu-shard", sink)
+                                   if r.state_type.value == "RUNNING" and r.infrastructure_pid], 180)[0]
+        first_record = f"{prefix}/{shard.parameters['keys'][0]}.json"
+        _wait_for(lambda: _exists(stack, bucket, first_record), 180, poll=0.1)
+        pid = _shard_pid(shard)
+        os.kill(pid, signal.SIGKILL)
+        out, _ = batch.communicate(timeout=400)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+    assert batch.returncode == 0, out[-4000:] + stack.worker_logs()
+
+    runs = {r.name: r for r in flow_runs(stack, "gpu-shard", sink)}
+    assert runs["shard-0-a1"].state_type.value == "CRASHED"
+    assert runs["shard-0-a2"].state_type.value == "COMPLETED"
+
+    df = read_metrics(stack, bucket, prefix)
+    assert sorted(df["id"].to_list()) == ids
+    assert df["attempts"].to_list() == [2, 2, 2]
+    by_id = dict(zip(df["id"].to_list(), df["status"].to_list()))
+    first_id = shard.parameters["rows"][0]["id"]
+    assert by_id[first_id] == "skipped"                 # finished before the kill: not redone
+    assert set(by_id.values()) <= {"succeeded", "skipped"}
+    counts = versions_per_key(stack, bucket, prefix)
+    assert len(output_keys(prefix, counts, ".mp4")) == 3
+    assert {n for k, n in counts.items() if not k.startswith(f"{prefix}/metrics.")} == {1}, counts
+
+
+def _shard_pid(flow_run) -> int:
+    """The shard's process: the run's infrastructure pid, checked against its environment."""
+    pid = int(flow_run.infrastructure_pid)
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"PREFECT__FLOW_RUN_ID={flow_run.id}".encode() in environ
+    return pid
+
+
+def _exists(stack, bucket: str, key: str) -> bool:
+    resp = stack.s3.client().list_objects_v2(Bucket=bucket, Prefix=key)
+    return resp.get("KeyCount", 0) > 0
+
+
+def _wait_for(probe, timeout: float, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := probe():
+            return result
+        time.sleep(poll)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@e2e[0]
+@e2e[1]
+def test_nightly_moves_finished_manifests_to_done(prefect_stack, tmp_path):
+    stack = prefect_stack
+    bucket = versioned_bucket(stack)
+    client = stack.s3.client()
+    manifest = write_manifest(tmp_path / "night.csv", ["night-0", "night-1"])
+    client.upload_file(str(manifest), bucket, "manifests/pending/night.csv")
+    client.put_object(Bucket=bucket, Key="manifests/pending/readme.txt", Body=b"not a manifest")
+    sink = f"s3://{bucket}/out"
+
+    stack.prefect("deployment", "run", "nightly/nightly",
+                  "--param", f"bucket_prefix=s3://{bucket}/manifests/", "--param", f"sink={sink}",
+                  "--param", "max_rows_per_shard=1", "--watch", "--watch-timeout", "300")
+
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="manifests/")["Contents"]}
+    assert keys == {"manifests/pending/readme.txt", "manifests/done/night.csv",
+                    "manifests/done/night.metrics.parquet", "manifests/done/night.metrics.csv"}
+    body = client.get_object(Bucket=bucket, Key="manifests/done/night.metrics.parquet")["Body"].read()
+    metrics = pl.read_parquet(io.BytesIO(body))
+    assert sorted(metrics["id"].to_list()) == ["night-0", "night-1"]
+    assert metrics["status"].to_list() == ["succeeded"] * 2
+    assert client.get_object(Bucket=bucket, Key="manifests/done/night.csv")["Body"].read() \
+        == manifest.read_bytes()
+
+
+# ── fast checks of the files, no server ────────────────────────────────────────────────────────
+
+def test_prefect_yaml_is_portable_and_never_pins_gpus():
+    import yaml
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    pull = config["pull"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == "{{ $TURBO_BATCH_HOME }}"
+    by_name = {d["name"]: d for d in config["deployments"]}
+    assert set(by_name) == {"batch", "gpu-shard", "nightly"}
+    for d in by_name.values():
+        path, _, func = d["entrypoint"].partition(":")
+        assert not Path(path).is_absolute() and (REPO_ROOT / path).is_file()
+        assert f"def {func}(" in (REPO_ROOT / path).read_text()
+        env = (d["work_pool"].get("job_variables") or {}).get("env") or {}
+        assert "CUDA_VISIBLE_DEVICES" not in env
+    assert by_name["gpu-shard"]["work_pool"]["name"] == "gpu"
+    assert by_name["batch"]["work_pool"]["name"] == by_name["nightly"]["work_pool"]["name"] == "cpu"
+    assert by_name["batch"]["parameters"]["launch"] == "deployments"
+    (schedule,) = by_name["nightly"]["schedules"]
+    assert schedule["cron"] and schedule["timezone"]
+
+
+def test_start_workers_refuses_to_start_nothing(tmp_path):
+    import subprocess
+    out = subprocess.run(["bash", str(REPO_ROOT / "deployments/start-workers.sh")], capture_output=True,
+                         text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "PREFECT_API_URL": "http://127.0.0.1:9/api",
+                              "GPUS": "0", "CPU_WORKER": "0", "LOG_DIR": str(tmp_path)})
+    assert out.returncode == 1 and "nothing to start" in out.stderr
+    out = subprocess.run(["bash", str(REPO_ROOT / "deployments/start-workers.sh")], capture_output=True,
+                         text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode != 0 and "PREFECT_API_URL" in out.stderr
+
+
+@pytest.mark.parametrize("uri, expected", [("s3://b/manifests/", ("b", "manifests/")),
+                                           ("s3://b/a/b", ("b", "a/b/")), ("s3://b", ("b", ""))])
+def test_queue_prefix(uri, expected):
+    from tasks.manifests_queue import split_prefix
+    assert split_prefix(uri) == expected
+
+
+@pytest.mark.parametrize("uri, message", [("/local/manifests", "expected s3://"),
+                                          ("s3:///manifests", "names no bucket")])
+def test_queue_prefix_rejects_bad_uris(uri, message):
+    from tasks.manifests_queue import split_prefix
+    with pytest.raises(ValueError, match=message):
+        split_prefix(uri)
+
+
+def test_gpu_label_names_the_pin_on_cpu(monkeypatch):
+    import torch
+    from tasks.generate import gpu_label
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA host the label names the device")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert gpu_label() == "cpu (CUDA_VISIBLE_DEVICES=3)"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_label() == "cpu"
+
+
+def test_r2_ca_bundle_is_the_clients_verify_setting(tmp_path):
+    from tasks.upload import make_s3_client_from_env
+    env = {"R2_ENDPOINT_URL": "https://127.0.0.1:9", "R2_ACCESS_KEY_ID": "k", "R2_SECRET_ACCESS_KEY": "s"}
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked until a connection is made")
+    with_ca = make_s3_client_from_env({**env, "R2_CA_BUNDLE": str(ca)})
+    without = make_s3_client_from_env(env)
+    # botocore keeps the verify setting on the endpoint's HTTP session
+    assert with_ca._endpoint.http_session._verify == str(ca)
+    assert without._endpoint.http_session._verify != str(ca)
