@@ -237,11 +237,29 @@ def make_s3_client_from_env(environ: dict[str, str] | None = None, **kwargs: Any
     """A client from the R2_* variables. R2_CA_BUNDLE (a PEM file) is the CA to trust for a private
     or test endpoint; without it boto3's default applies (AWS_CA_BUNDLE, then certifi)."""
     creds = r2_credentials(environ)
-    ca_bundle = (os.environ if environ is None else environ).get("R2_CA_BUNDLE")
-    if ca_bundle:
-        kwargs.setdefault("verify", ca_bundle)
+    env = os.environ if environ is None else environ
+    if env.get("R2_CA_BUNDLE"):
+        kwargs.setdefault("verify", env["R2_CA_BUNDLE"])
+    if env.get("R2_REGION"):   # R2 itself wants "auto"; S3-protocol test servers want us-east-1
+        kwargs.setdefault("region", env["R2_REGION"])
     return make_s3_client(creds.endpoint_url, creds.account_id, access_key_id=creds.access_key_id,
                           secret_access_key=creds.secret_access_key, **kwargs)
+
+
+DEFAULT_PRESIGN_EXPIRES = 24 * 3600
+
+
+def presign_expiry_from_env() -> int | None:
+    """R2_PRESIGN_EXPIRES seconds (default one day, at most 7 days; 0 records no presigned URL)."""
+    raw = os.environ.get("R2_PRESIGN_EXPIRES", str(DEFAULT_PRESIGN_EXPIRES))
+    try:
+        seconds = int(raw)
+    except ValueError:
+        raise ValueError(f"R2_PRESIGN_EXPIRES={raw!r}: expected whole seconds, at most 604800") from None
+    if seconds == 0:
+        return None
+    _check_presign_expiry(seconds)
+    return seconds
 
 
 def sink_from_uri(uri: str, client: Any = None, **s3_options: Any) -> LocalSink | S3Sink:
@@ -250,6 +268,7 @@ def sink_from_uri(uri: str, client: Any = None, **s3_options: Any) -> LocalSink 
         bucket, _, prefix = uri[len("s3://"):].partition("/")
         if not bucket:
             raise ValueError(f"sink URI {uri!r} names no bucket (expected s3://bucket/prefix)")
+        s3_options.setdefault("presign_expires", presign_expiry_from_env())
         return S3Sink(bucket, prefix, client if client is not None else make_s3_client_from_env(), **s3_options)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
