@@ -29,6 +29,7 @@ from bench.report import print_table, write_results  # noqa: E402
 from engine import loading  # noqa: E402
 from engine.attention import AttentionSpec, resolve_attention  # noqa: E402
 from engine.config import WanConfig, latent_shape  # noqa: E402
+from engine.pipeline import prepare_vae_for_device  # noqa: E402
 from engine.sampler import rcm_sample  # noqa: E402
 from engine.umt5 import HashTokenizer, TextEncoder, UMT5Encoder  # noqa: E402
 from engine.wan_dit import WanDiT  # noqa: E402
@@ -101,7 +102,7 @@ def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
     dit = None  # noqa: F841  (free before the next model)
     free()
 
-    vae = loading.build_random(lambda: WanVAE(cfg.vae), seed=1, device=DEV, dtype=DT)
+    vae = prepare_vae_for_device(loading.build_random(lambda: WanVAE(cfg.vae), seed=1, device=DEV, dtype=DT))
     z = latents.to(DT)
     with torch.inference_mode():
         vae.decode_to_uint8(z)   # warm-up

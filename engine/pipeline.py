@@ -176,10 +176,12 @@ class WanT2VPipeline:
     def _load_vae(self) -> WanVAE:
         vcfg = self.config.vae
         if self.files.vae is None:
-            return loading.build_random(lambda: WanVAE(vcfg), seed=WEIGHT_SEED + 1,
-                                        device=self.device, dtype=self.dtype)
-        return loading.load_module(lambda: WanVAE(vcfg), self.files.vae, device=self.device,
-                                   dtype=self.dtype)
+            vae = loading.build_random(lambda: WanVAE(vcfg), seed=WEIGHT_SEED + 1,
+                                       device=self.device, dtype=self.dtype)
+        else:
+            vae = loading.load_module(lambda: WanVAE(vcfg), self.files.vae, device=self.device,
+                                      dtype=self.dtype)
+        return prepare_vae_for_device(vae)
 
     def _load_text_encoder(self) -> TextEncoder:
         ucfg = self.config.umt5
@@ -274,6 +276,15 @@ class WanT2VPipeline:
 
     def estimated_bytes(self) -> int:
         return estimate_bytes(self.config)
+
+
+def prepare_vae_for_device(vae: WanVAE) -> WanVAE:
+    """On CUDA: channels-last convolutions and cuDNN autotuning (the decode runs the same few
+    conv shapes once per latent frame, so the one-time search pays back within a video)."""
+    if vae.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        vae.use_channels_last()
+    return vae
 
 
 def estimate_bytes(config: WanConfig) -> int:

@@ -40,6 +40,24 @@ LATENT_STD = (
 )
 
 FeatureCache = list[Tensor | None]
+CL3D = torch.channels_last_3d
+
+
+def _zeros_like_layout(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Zeros of `shape` in x's memory layout (channels-last-3d or contiguous)."""
+    fmt = CL3D if not x.is_contiguous() and x.is_contiguous(memory_format=CL3D) else torch.contiguous_format
+    return torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+
+
+def _nearest_up2(x: Tensor) -> Tensor:
+    """Nearest ×2 in H and W, one copy, keeping channels-last layout (interpolate's 3-D nearest
+    kernel works on NCDHW and would force two layout conversions per call)."""
+    if not x.is_contiguous(memory_format=CL3D) or x.is_contiguous():
+        return F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+    b, c, t, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 4, 1)                                  # [B, T, H, W, C], contiguous
+    up = pixels[:, :, :, None, :, None, :].expand(b, t, h, 2, w, 2, c).reshape(b, t, 2 * h, 2 * w, c)
+    return up.permute(0, 4, 1, 2, 3)                                   # [B, C, T, 2H, 2W], channels-last
 
 
 def _channel_stats(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,7 +108,7 @@ class CausalConv3d(nn.Conv3d):
                 raise ValueError("CausalConv3d with a time kernel needs a feature cache")
             past = cache[self.cache_slot]
             if past is None:  # first chunk: history is zeros; keep its last frames from now on
-                past = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
+                past = _zeros_like_layout(x, (x.shape[0], x.shape[1], self.time_pad, *x.shape[3:]))
                 x = torch.cat([past, x], dim=2)
                 cache[self.cache_slot] = x[:, :, -self.time_pad:].clone()
             else:
@@ -210,8 +228,7 @@ class Resample(nn.Module):
             x = self._double_time(x, cache)
         conv = self.resample[1]
         if self.mode.startswith("upsample"):
-            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
-            x = _frame_conv2d(conv, x, padding=1)
+            x = _frame_conv2d(conv, _nearest_up2(x), padding=1)
         else:
             x = _frame_conv2d(conv, F.pad(x, (0, 1, 0, 1)), stride=2)
         if self.mode == "downsample3d":
@@ -222,11 +239,15 @@ class Resample(nn.Module):
         slot = self.time_conv.cache_slot
         if cache[slot] is None:
             # First chunk: no time conv. Later chunks see zero history, as Wan's first real call.
-            cache[slot] = x.new_zeros(*x.shape[:2], CACHE_T, *x.shape[3:])
+            cache[slot] = _zeros_like_layout(x, (*x.shape[:2], CACHE_T, *x.shape[3:]))
             return x
         b, c, t, h, w = x.shape
         y = self.time_conv(x, cache)                          # [B, 2C, T, H, W]
         # channel halves are frame 2t and 2t+1: [B, 2, C, T, H, W] -> [B, C, T, 2, H, W] -> [B, C, 2T, H, W]
+        if not y.is_contiguous() and y.is_contiguous(memory_format=CL3D):
+            # channels-last: [B, T, H, W, 2C] -> [B, T, H, W, 2, C] -> [B, T, 2, H, W, C] -> [B, C, 2T, H, W]
+            y = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
+            return y.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
         return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
 
     def _halve_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
@@ -350,6 +371,26 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
 
+        self.channels_last = False
+
+    def use_channels_last(self) -> WanVAE:
+        """Run convolutions in channels-last-3d (NDHWC) layout.
+
+        cuDNN's bf16 3-D convolutions on Hopper are NDHWC kernels: in the default layout every
+        conv call converted its input and output (12 % of an H100 480p decode, measured with
+        bench/profile_engine.py). Results are the same up to float rounding.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=CL3D)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=CL3D) if self.channels_last else x
+
     @property
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
@@ -365,7 +406,7 @@ class WanVAE(nn.Module):
         """video [B, 3, F, H, W] in [-1, 1], F = 4k+1, H and W multiples of 8
         -> normalized latents [B, 16, k+1, H/8, W/8] (float32, posterior mean)."""
         self._check_video(video)
-        video = video.to(device=self.device, dtype=self.dtype)
+        video = self._layout(video.to(device=self.device, dtype=self.dtype))
         cache: FeatureCache = [None] * self.encoder.num_cache_slots
         num_frames = video.shape[2]
         # Frame 0 alone, then 4-frame chunks: each chunk gives one latent frame.
@@ -407,7 +448,7 @@ class WanVAE(nn.Module):
     def _decode_chunks(self, latents: Tensor) -> Iterator[tuple[int, Tensor]]:
         """Yield (first output frame index, frames [B, 3, n, H, W]) per latent frame."""
         z = denormalize_latents(latents.to(device=self.device, dtype=self.dtype))
-        x = self.conv2(z)
+        x = self._layout(self.conv2(self._layout(z)))
         cache = self.new_decoder_cache()
         for t in range(x.shape[2]):
             # latent frame 0 -> output frame 0; latent frame t > 0 -> output frames 4t-3 .. 4t

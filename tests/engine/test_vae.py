@@ -318,3 +318,20 @@ def test_bf16_cuda_decode_close_to_fp32_cpu():
     assert (frames_gpu.float() - frames_cpu.float()).abs().mean() < 4
     latents_back = gpu.encode(gpu.decode(latents.cuda()))
     assert latents_back.shape == latents.shape and latents_back.dtype == torch.float32
+
+
+def test_channels_last_layout_decodes_and_encodes_the_same():
+    """use_channels_last() changes memory layout only: same numbers as the default layout."""
+    from engine.config import VAEConfig
+    torch.manual_seed(0)
+    config = VAEConfig(dim=8)
+    plain = WanVAE(config).eval()
+    fast = WanVAE(config).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast.use_channels_last()
+    latents = torch.randn(1, 16, 3, 4, 6)
+    assert torch.allclose(fast.decode(latents), plain.decode(latents), atol=1e-5)
+    assert torch.equal(fast.decode_to_uint8(latents), plain.decode_to_uint8(latents)) or \
+        (fast.decode_to_uint8(latents).int() - plain.decode_to_uint8(latents).int()).abs().max() <= 1
+    video = torch.rand(1, 3, 5, 16, 24) * 2 - 1
+    assert torch.allclose(fast.encode(video), plain.encode(video), atol=1e-5)
