@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
@@ -48,7 +49,10 @@ def recipe_for(fields: dict) -> PostprocessRecipe:
                                 if fields.get(k) is not None})
 
 
-def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink) -> DeliverOutput:
+def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink,
+                upload: Callable[..., tuple[dict, int]] | None = None) -> DeliverOutput:
+    """Post-process, validate, upload. `upload` defaults to the plain function; the Prefect task
+    passes the retrying `upload_outputs` task."""
     work = frames_path.parent
     t0 = time.perf_counter()
     out = run_postprocess(frames_path, recipe_for(fields), work, key)
@@ -57,27 +61,30 @@ def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink) -> Delive
                    expect_audio=bool(fields.get("audio")))
     t2 = time.perf_counter()
     files = [out.video_path, out.poster_path] + ([out.preview_path] if out.preview_path else [])
-    results = {}
-    for path in files:
-        ext = Path(path).suffix
-        results[ext] = sink.put(Path(path), f"{key}{ext}", content_type=CONTENT_TYPES[ext])
-    video = results[".mp4"]
-    record = {"key": key, "width": out.width, "height": out.height, "frames": out.frames,
-              "fps": out.fps, "outputs": {ext: {"key": r.key, "uri": r.uri, "sha256": r.sha256,
-                                                 "bytes": r.bytes} for ext, r in results.items()}}
-    record_path = work / f"{key}.json"
-    record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
-    rec = sink.put(record_path, f"{key}.json", content_type=CONTENT_TYPES[".json"],
-                   cache_control="no-cache", overwrite=True)
+    meta = {"key": key, "width": out.width, "height": out.height, "frames": out.frames, "fps": out.fps}
+    results, written = (upload or run_upload_outputs)([Path(p) for p in files], key, sink, meta)
     t3 = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)
+    video = results[".mp4"]
     return DeliverOutput(
         width=out.width, height=out.height, frames=out.frames, fps=out.fps,
         t_postprocess_s=t1 - t0, t_validate_s=t2 - t1, t_upload_s=t3 - t2,
         output_uri=video.uri, poster_uri=results[".jpg"].uri,
         preview_uri=results[".webp"].uri if ".webp" in results else None,
-        presigned_url=video.presigned_url, sha256=video.sha256, bytes=video.bytes,
-        uploaded=sum(not r.skipped for r in (*results.values(), rec)))
+        presigned_url=video.presigned_url, sha256=video.sha256, bytes=video.bytes, uploaded=written)
+
+
+def run_upload_outputs(files: list[Path], key: str, sink: Sink, meta: dict) -> tuple[dict, int]:
+    """Upload each output as `<key><ext>`, then the record naming them all (the commit marker)."""
+    results = {f.suffix: sink.put(f, f"{key}{f.suffix}", content_type=CONTENT_TYPES[f.suffix])
+               for f in files}
+    record = {**meta, "outputs": {ext: {"key": r.key, "uri": r.uri, "sha256": r.sha256,
+                                        "bytes": r.bytes} for ext, r in results.items()}}
+    record_path = files[0].parent / f"{key}.json"
+    record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
+    rec = sink.put(record_path, f"{key}.json", content_type=CONTENT_TYPES[".json"],
+                   cache_control="no-cache", overwrite=True)
+    return results, sum(not r.skipped for r in (*results.values(), rec))
 
 
 def find_completed(sink: Sink, key: str) -> dict | None:
@@ -97,11 +104,20 @@ def find_completed(sink: Sink, key: str) -> dict | None:
     return record
 
 
-# Upload errors that are transient (5xx, timeouts) are retried with backoff; bad inputs and
-# auth errors are not. A failure fails only this row.
-deliver = task(run_deliver, name="deliver", task_run_name="deliver-{key}", cache_policy=NO_CACHE,
-               retries=2, retry_delay_seconds=[2, 10],
-               retry_condition_fn=lambda t, r, state: _retryable_state(state))
+# Only the upload retries: transient errors (5xx, timeouts, after botocore's own retries) get two
+# more tries with backoff; auth errors, conflicts and bad inputs do not. Post-processing is never
+# redone by an upload retry. A failure fails only this row.
+upload_outputs = task(run_upload_outputs, name="upload", task_run_name="upload-{key}",
+                      cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+                      retry_condition_fn=lambda t, r, state: _retryable_state(state))
+
+
+def _deliver_with_retrying_upload(frames_path: Path, fields: dict, key: str, sink: Sink) -> DeliverOutput:
+    return run_deliver(frames_path, fields, key, sink, upload=upload_outputs)
+
+
+deliver = task(_deliver_with_retrying_upload, name="deliver", task_run_name="deliver-{key}",
+               cache_policy=NO_CACHE)
 
 
 def _retryable_state(state) -> bool:
@@ -122,4 +138,4 @@ def record_summary(record: dict) -> dict:
 
 
 __all__ = ["DeliverOutput", "deliver", "find_completed", "record_summary", "run_deliver",
-           "asdict"]
+           "upload_outputs"]

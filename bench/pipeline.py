@@ -1,0 +1,114 @@
+"""Orchestration overhead of the local pipeline: N tiny rows on the CPU.
+
+    python bench/pipeline.py [--rows 200] [--frames 5]
+
+Runs the same rows twice into fresh output folders:
+- peer: a plain Python loop over the same stage functions (generate → post-process → validate →
+  upload into a local folder), no Prefect, no threads;
+- ours: the batch flow in-process on Prefect's ephemeral API (manifest validation, shard planning,
+  shard subflow, one task run per stage per row, overlapped delivery, metrics and artifacts).
+
+overhead_ms_per_row = (our wall − peer wall) / rows, i.e. what the orchestration costs per row over
+doing the same work with no orchestration at all; the in-run stage seconds are reported beside it.
+Writes docs/benchmarks/pipeline.json and a section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from bench.report import print_table, write_results  # noqa: E402
+
+STAGES = ("t_text_s", "t_denoise_s", "t_vae_s", "t_postprocess_s", "t_validate_s", "t_upload_s")
+
+
+def write_manifest(path: Path, rows: int, frames: int) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "mode", "prompt", "model", "num_frames", "num_steps", "seed"])
+        for i in range(rows):
+            w.writerow([f"row-{i:04d}", "t2v", f"benchmark prompt {i % 20}", "tiny-t2v", frames, 4, i])
+
+
+def run_plain_loop(manifest: Path, out: Path) -> float:
+    """The same stage functions, called one after another, nothing else."""
+    from tasks.deliver import run_deliver
+    from tasks.generate import run_generate
+    from tasks.identity import model_identity, output_key, row_hash
+    from tasks.manifest import read_manifest
+    from tasks.upload import LocalSink
+
+    sink = LocalSink(out)
+    t = time.perf_counter()
+    rows = read_manifest(manifest).rows
+    for row in rows:
+        key = output_key(row, row_hash(row, model_identity(row.model, None)))
+        gen = run_generate(row, out / "work" / key)
+        run_deliver(gen.frames_path, row.postprocess_fields(), key, sink)
+    return time.perf_counter() - t
+
+
+def run_flow(manifest: Path, out: Path) -> tuple[float, dict[str, float]]:
+    import polars as pl
+
+    from flows.batch import batch_flow
+
+    t = time.perf_counter()
+    result = batch_flow(manifest=str(manifest), sink=str(out))
+    wall = time.perf_counter() - t
+    if result["succeeded"] != result["rows"]:
+        raise SystemExit(f"benchmark run had failures: {result}")
+    df = pl.read_parquet(out / "metrics.parquet")
+    return wall, {c: float(df[c].sum()) for c in STAGES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="turbo-bench-") as tmp:
+        root = Path(tmp)
+        os.environ["TURBO_EMBED_CACHE"] = str(root / "text-cache")
+        manifest = root / "bench.csv"
+        write_manifest(manifest, args.rows, args.frames)
+        from engine.pipeline import get_pipeline
+        get_pipeline("tiny-t2v")      # both runs start with a warm model, as a worker would
+        plain_s = run_plain_loop(manifest, root / "plain")
+        flow_s, stages = run_flow(manifest, root / "flow")
+
+    n = args.rows
+    stage_s = sum(stages.values())
+    row = {"rows": n, "flow_wall_s": flow_s, "plain_loop_wall_s": plain_s,
+           "flow_ms_per_row": 1000 * flow_s / n, "plain_ms_per_row": 1000 * plain_s / n,
+           "overhead_ms_per_row": 1000 * (flow_s - plain_s) / n,
+           "in_run_stage_ms_per_row": 1000 * stage_s / n,
+           "wall_minus_stages_ms_per_row": 1000 * (flow_s - stage_s) / n}
+    print_table([row])
+    if args.no_write:
+        return
+    md = ["| rows | flow wall s | plain loop wall s | overhead ms/row (target ≤ 100) | "
+          "flow wall − in-run stage s, ms/row |",
+          "|---|---|---|---|---|",
+          f"| {n} | {flow_s:.1f} | {plain_s:.1f} | {row['overhead_ms_per_row']:.1f} | "
+          f"{row['wall_minus_stages_ms_per_row']:.1f} |",
+          "", f"Tiny preset, {args.frames} frames per row, local folder sink. The peer is a plain loop "
+          "over the same stage functions in the same process."]
+    write_results("pipeline", {**row, "frames": args.frames, "stage_seconds": stages}, md)
+
+
+if __name__ == "__main__":
+    main()
