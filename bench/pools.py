@@ -56,12 +56,12 @@ def wait_healthy(url: str, timeout: float = 120) -> None:
     raise SystemExit(f"prefect server at {url} not healthy after {timeout} s")
 
 
-def write_manifest(path: Path, rows: int, model: str, frames: int, resolution: str) -> None:
+def write_manifest(path: Path, rows: int, model: str, frames: int, resolution: str, tag: str) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "mode", "prompt", "model", "resolution", "num_frames", "seed"])
         for i in range(rows):
-            w.writerow([f"p{i:03d}", "t2v", f"pool benchmark prompt {i}", model, resolution, frames, i])
+            w.writerow([f"{tag}-{i:03d}", "t2v", f"pool benchmark prompt {i}", model, resolution, frames, i])
 
 
 def run_batch(env: dict[str, str], manifest: Path, sink: Path, gpus: int, max_rows: int) -> float:
@@ -89,14 +89,15 @@ def shard_loads(env: dict[str, str], metrics: pl.DataFrame) -> dict[str, int]:
             get_client(sync_client=True) as client:
         for run in client.read_flow_runs():
             rows = (run.parameters or {}).get("rows")
-            if run.name.startswith("shard-") and rows and run.state and run.state.is_completed():
-                loads[gpu_of.get(rows[0]["id"], "?")] += 1
+            if run.name.startswith("shard-") and rows and run.state and run.state.is_completed() \
+                    and rows[0]["id"] in gpu_of:       # this batch's shards only
+                loads[gpu_of[rows[0]["id"]]] += 1
     return dict(loads)
 
 
 def measure(env: dict[str, str], root: Path, gpus: int, args: argparse.Namespace, tag: str) -> dict:
     manifest = root / f"{tag}.csv"
-    write_manifest(manifest, args.rows, args.model, args.frames, args.resolution)
+    write_manifest(manifest, args.rows, args.model, args.frames, args.resolution, tag)
     sink = root / f"out-{tag}"
     wall = run_batch(env, manifest, sink, gpus, args.max_rows_per_shard)
     df = pl.read_parquet(sink / "metrics.parquet")

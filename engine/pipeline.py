@@ -142,10 +142,7 @@ class WanT2VPipeline:
         self._text_encoder: TextEncoder | None = None
         self.text_encoder_loads = 0
         self.dit, self.int8_path = self._load_dit()
-        if device.type == "cuda" and os.environ.get("TURBO_COMPILE", "1") != "0":
-            # Regional compile of the repeated block: the first row of each shape pays it
-            # (about 20 s at 1.3B-480p on an H100), every later row runs the compiled block.
-            self.dit.compile_blocks()
+        self.compiled = False
         self.vae = self._load_vae()
 
     # -- loading -------------------------------------------------------------------------------
@@ -201,6 +198,23 @@ class WanT2VPipeline:
         if self.files.text_encoder is None:
             return f"{self.config.name}:random:{WEIGHT_SEED + 2}"
         return loading.file_identity(self.files.text_encoder) + ":" + str(self.files.tokenizer)
+
+    def prepare(self, expected_rows: int) -> None:
+        """Compile the DiT's blocks when enough rows will run to pay for it.
+
+        Regional compile costs about 16 s at 1.3B-480p on an H100 (the first row of each shape)
+        and saves roughly a quarter of each denoise; on a 5-row shard it is a net loss (measured
+        with bench/pools.py). TURBO_COMPILE=1 forces it, 0 disables it; by default it runs when
+        at least TURBO_COMPILE_MIN_ROWS rows (30, or 8 for presets of 5B+ parameters) are coming.
+        """
+        mode = os.environ.get("TURBO_COMPILE", "auto")
+        if self.compiled or self.device.type != "cuda" or mode == "0":
+            return
+        default_min = 8 if self.config.param_billions >= 5 else 30
+        min_rows = int(os.environ.get("TURBO_COMPILE_MIN_ROWS", default_min))
+        if mode == "1" or expected_rows >= min_rows:
+            self.dit.compile_blocks()
+            self.compiled = True
 
     # -- text --------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[list[torch.Tensor], list[list[str]], list[bool]]:

@@ -12,7 +12,6 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.shard import gpu_shard
 from tasks import fanout
 from tasks.identity import model_identity, output_key, row_hash
 from tasks.manifest import Manifest, read_manifest
@@ -63,6 +62,7 @@ def batch_flow(
              for s in shards]
     common = {"sink": sink, "checkpoints_dir": checkpoints_dir, "random_weights": random_weights}
     if launch == "local":
+        from flows.shard import gpu_shard   # here, not at import: a CPU-pool batch needs no torch
         results = fanout.run_local(gpu_shard, specs, common, n_gpus)
     elif launch == "deployments":
         results = fanout.run_deployments(shard_deployment, specs, common,

@@ -32,7 +32,7 @@ def gpu_shard(rows: list[dict], keys: list[str], sink: str, shard: int = 0, atte
     work_root = Path(tempfile.mkdtemp(prefix=f"turbo-shard{shard}-"))
     metrics: list[dict] = []
     pending = []
-    for raw, key in zip(rows, keys):
+    for i, (raw, key) in enumerate(zip(rows, keys)):
         row = ManifestRow(**raw)
         base = {"id": row.id, "row": row.row, "mode": row.mode, "model": row.model,
                 "seed": row.seed, "attempts": attempt}
@@ -44,7 +44,7 @@ def gpu_shard(rows: list[dict], keys: list[str], sink: str, shard: int = 0, atte
         t0 = time.perf_counter()
         try:
             gen = generate(row, work_root / key, checkpoints_dir=checkpoints_dir,
-                           random_weights=random_weights)
+                           random_weights=random_weights, expected_rows=len(rows) - i)
         except Exception as e:   # this row fails; the shard goes on
             log.error("row %s (%s) failed in generate: %s", row.row, row.id, e)
             metrics.append({**base, "status": "failed", "error": f"generate: {e}",

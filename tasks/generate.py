@@ -47,11 +47,13 @@ def embedding_cache_from_env():
 
 
 def run_generate(row: ManifestRow, work_dir: Path, *, checkpoints_dir: str | None = None,
-                 random_weights: bool = False) -> GenerateOutput:
+                 random_weights: bool = False, expected_rows: int = 1) -> GenerateOutput:
+    """expected_rows: rows this worker will run on this model from here on (compile decision)."""
     req = row.request()
     pipe = get_pipeline(row.model, checkpoints_dir=checkpoints_dir, attention_type=req.attention_type,
                         sla_topk=req.sla_topk, quant_linear=req.quant_linear,
                         embedding_cache=embedding_cache_from_env(), random_weights=random_weights)
+    pipe.prepare(expected_rows)
     result = pipe.generate(req)
     work_dir.mkdir(parents=True, exist_ok=True)
     frames_path = work_dir / "frames.npy"
