@@ -56,8 +56,10 @@ def gpu_shard(rows: list[dict], keys: list[str], sink: str, shard: int = 0, atte
                     t_vae_s=gen.timings["vae_s"])
         future = deliver.submit(gen.frames_path, row.postprocess_fields(), key, out)
         pending.append((row, base, future))
-        # Keep at most one delivery queued behind the running one: frames are large.
-        pending = _collect(pending, metrics, keep=1)
+        # Overlap: keep at most one delivery running behind the next generation (frames are
+        # large). When generation itself ran on the CPU, overlapping only oversubscribes the
+        # cores both stages need, so wait for each delivery.
+        pending = _collect(pending, metrics, keep=0 if gen.gpu.startswith("cpu") else 1)
     _collect(pending, metrics, keep=0)
     publish_artifacts(metrics_frame(metrics), key=f"shard-{shard}-metrics")
     return metrics
