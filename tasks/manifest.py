@@ -51,6 +51,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAFE_NAME_RULE = ("letters, digits, '.', '_' and '-' only, starting with a letter or digit, "
                   "at most 128 characters, no '..'")
 DEFAULT_FPS = 16
+_REQUEST_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
 MAX_FPS, MAX_INTERPOLATE_FPS, MAX_UPSCALE = 60, 120, 4.0
 MAX_SAMPLES = 1000
 MAX_WATERMARK_TEXT = 200
@@ -108,15 +109,16 @@ class ManifestRow:
     model: str = DEFAULT_MODELS["t2v"]
     image: str | None = None
     driving_video: str | None = None
-    resolution: str = "480p"
-    aspect_ratio: str = "16:9"
-    num_frames: int = 81
-    num_steps: int = 4
-    seed: int = 0
-    sigma_max: float = 80.0
-    attention_type: str = "auto"
-    sla_topk: float = 0.1
-    quant_linear: str = "auto"
+    # Generation defaults are the engine's own (GenerationRequest), not a second copy.
+    resolution: str = _REQUEST_DEFAULTS["resolution"]
+    aspect_ratio: str = _REQUEST_DEFAULTS["aspect_ratio"]
+    num_frames: int = _REQUEST_DEFAULTS["num_frames"]
+    num_steps: int = _REQUEST_DEFAULTS["num_steps"]
+    seed: int = _REQUEST_DEFAULTS["seed"]
+    sigma_max: float = _REQUEST_DEFAULTS["sigma_max"]
+    attention_type: str = _REQUEST_DEFAULTS["attention_type"]
+    sla_topk: float = _REQUEST_DEFAULTS["sla_topk"]
+    quant_linear: str = _REQUEST_DEFAULTS["quant_linear"]
     fps: int = DEFAULT_FPS
     interpolate_fps: int | None = None
     upscale: float | None = None
