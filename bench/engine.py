@@ -244,7 +244,6 @@ def bench_cold_start(cfg: WanConfig, tmp: Path) -> dict[str, object]:
     warm_load_s = time.perf_counter() - t
     dit = None  # noqa: F841
     size_gb = path.stat().st_size / 1e9
-    dit = None  # noqa: F841  (free before the next model)
     free()
     path.unlink()
     return {"load_s": load_s, "raw_read_s": raw_s, "file_gb": size_gb, "load_phases": phases,

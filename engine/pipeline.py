@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -170,24 +170,20 @@ class WanT2VPipeline:
                                   state=state, convert=convert)
         return dit, path[0]  # type: ignore[return-value]
 
+    def _build(self, make: Callable[[], torch.nn.Module], path: Path | None, seed_offset: int):
+        """From the file when there is one, else seeded random weights through the same class."""
+        if path is None:
+            return loading.build_random(make, seed=WEIGHT_SEED + seed_offset, device=self.device,
+                                        dtype=self.dtype)
+        return loading.load_module(make, path, device=self.device, dtype=self.dtype)
+
     def _load_vae(self) -> WanVAE:
         vcfg = self.config.vae
-        if self.files.vae is None:
-            vae = loading.build_random(lambda: WanVAE(vcfg), seed=WEIGHT_SEED + 1,
-                                       device=self.device, dtype=self.dtype)
-        else:
-            vae = loading.load_module(lambda: WanVAE(vcfg), self.files.vae, device=self.device,
-                                      dtype=self.dtype)
-        return prepare_vae_for_device(vae)
+        return prepare_vae_for_device(self._build(lambda: WanVAE(vcfg), self.files.vae, 1))
 
     def _load_text_encoder(self) -> TextEncoder:
         ucfg = self.config.umt5
-        if self.files.text_encoder is None:
-            encoder = loading.build_random(lambda: UMT5Encoder(ucfg), seed=WEIGHT_SEED + 2,
-                                           device=self.device, dtype=self.dtype)
-        else:
-            encoder = loading.load_module(lambda: UMT5Encoder(ucfg), self.files.text_encoder,
-                                          device=self.device, dtype=self.dtype)
+        encoder = self._build(lambda: UMT5Encoder(ucfg), self.files.text_encoder, 2)
         tokenizer = load_tokenizer(self.files.tokenizer) if self.files.tokenizer else \
             HashTokenizer(ucfg.vocab_size)
         self.text_encoder_loads += 1
@@ -287,9 +283,6 @@ class WanT2VPipeline:
             timings={"text_s": t1 - t0, "denoise_s": t2 - t1, "vae_s": t3 - t2, "total_s": t3 - t0},
             peak_vram_gb=peak, attention_type=self.attention.type.value, int8_path=self.int8_path,
             text_cache_hit=hit, warnings=warns)
-
-    def estimated_bytes(self) -> int:
-        return estimate_bytes(self.config)
 
 
 def prepare_vae_for_device(vae: WanVAE) -> WanVAE:

@@ -55,13 +55,14 @@ def plan_shards(rows: Sequence[R], *, gpus: int = 1, max_rows: int = 25,
         n = max(math.ceil(len(group) / max_rows), min(len(group), round(gpus * len(group) / total) or 1))
         mine = [Shard[R](index=0, model_key=k) for _ in range(n)]
         heap = [(0.0, i) for i in range(n)]
-        for r in sorted(group, key=cost, reverse=True):
+        costs = {id(r): cost(r) for r in group}
+        for r in sorted(group, key=lambda r: costs[id(r)], reverse=True):
             while True:
                 c, i = heapq.heappop(heap)
                 if len(mine[i].rows) < max_rows:
                     break
             mine[i].rows.append(r)
-            mine[i].cost = c + cost(r)
+            mine[i].cost = c + costs[id(r)]
             heapq.heappush(heap, (mine[i].cost, i))
         shards += [s for s in mine if s.rows]
     shards.sort(key=lambda s: s.cost, reverse=True)   # longest first keeps the tail short
