@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import retry_transient
 from tasks.postprocess import PostprocessRecipe, run_postprocess
-from tasks.upload import Sink, is_retryable
+from tasks.upload import Sink
 from tasks.validate_video import validate_video
 
 CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".webp": "image/webp",
@@ -44,9 +46,9 @@ class DeliverOutput:
 
 
 def recipe_for(fields: dict) -> PostprocessRecipe:
-    return PostprocessRecipe(**{k: fields.get(k) for k in
-                                ("fps", "interpolate_fps", "upscale", "watermark", "preview", "audio")
-                                if fields.get(k) is not None})
+    known: dict[str, Any] = {k: fields.get(k) for k in
+                             ("fps", "interpolate_fps", "upscale", "watermark", "preview", "audio")}
+    return PostprocessRecipe(**{k: v for k, v in known.items() if v is not None})
 
 
 def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink,
@@ -107,35 +109,18 @@ def find_completed(sink: Sink, key: str) -> dict | None:
 # Only the upload retries: transient errors (5xx, timeouts, after botocore's own retries) get two
 # more tries with backoff; auth errors, conflicts and bad inputs do not. Post-processing is never
 # redone by an upload retry. A failure fails only this row.
-upload_outputs = task(run_upload_outputs, name="upload", task_run_name="upload-{key}",
+upload_outputs = task(name="upload", task_run_name="upload-{key}",
                       cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
-                      retry_condition_fn=lambda t, r, state: _retryable_state(state))
+                      retry_condition_fn=retry_transient)(run_upload_outputs)
 
 
 def _deliver_with_retrying_upload(frames_path: Path, fields: dict, key: str, sink: Sink) -> DeliverOutput:
     return run_deliver(frames_path, fields, key, sink, upload=upload_outputs)
 
 
-deliver = task(_deliver_with_retrying_upload, name="deliver", task_run_name="deliver-{key}",
-               cache_policy=NO_CACHE)
+deliver = task(name="deliver", task_run_name="deliver-{key}",
+               cache_policy=NO_CACHE)(_deliver_with_retrying_upload)
 
 
-def _retryable_state(state) -> bool:
-    try:
-        state.result()
-    except Exception as e:  # the task's own exception
-        return is_retryable(e)
-    return False
-
-
-def record_summary(record: dict) -> dict:
-    video = record["outputs"][".mp4"]
-    return {"width": record["width"], "height": record["height"], "frames": record["frames"],
-            "fps": record["fps"], "output_uri": video["uri"],
-            "poster_uri": record["outputs"][".jpg"]["uri"],
-            "preview_uri": record["outputs"].get(".webp", {}).get("uri"),
-            "sha256": video["sha256"], "bytes": video["bytes"]}
-
-
-__all__ = ["DeliverOutput", "deliver", "find_completed", "record_summary", "run_deliver",
+__all__ = ["DeliverOutput", "deliver", "find_completed", "run_deliver",
            "upload_outputs"]

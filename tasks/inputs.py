@@ -1,7 +1,9 @@
 """Checks on the files a manifest row points at, run before any GPU time is spent.
 
 Each check opens the file the way the later stage will (Pillow for images, ffprobe for video and
-audio) and raises `InputError` with a one-line reason when it cannot.
+audio) and raises `InputError` with a one-line reason when it cannot. `sniff_format` reads the
+magic bytes first (cheap, before any decoder sees the file); `host_allowed` is the https host
+allowlist (`TURBO_FETCH_ALLOW`) shared by the manifest check and the fetch stage.
 """
 
 from __future__ import annotations
@@ -9,20 +11,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from tasks.errors import InputError
+
 FFPROBE_TIMEOUT_S = 30
-
-
-class InputError(ValueError):
-    """A referenced input file is missing or cannot be decoded."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
@@ -82,6 +79,103 @@ def check_audio(path: str | Path) -> dict[str, Any]:
     if not _streams_of(info, "audio"):
         raise InputError("has no audio stream")
     return info
+
+
+# ── magic bytes ──────────────────────────────────────────────────────────────────────────────────
+
+SNIFF_BYTES = 64          # enough for every signature below
+# What each reference column may hold, in words (for the error message).
+KIND_FORMATS = {
+    "image": "PNG, JPEG, WebP, GIF, BMP or TIFF",
+    "watermark": "PNG",
+    "driving_video": "MP4, MOV, WebM, MKV or AVI",
+    "audio": "MP3, WAV, OGG, FLAC, M4A or AAC",
+}
+
+
+def sniff_format(head: bytes, column: str) -> str | None:
+    """The file extension (without dot) the first bytes of a file announce for `column`, or None.
+
+    >>> sniff_format(b"\\x89PNG\\r\\n\\x1a\\n...", "image")
+    'png'
+    """
+    if column == "watermark":
+        return "png" if head.startswith(b"\x89PNG\r\n\x1a\n") else None
+    if column == "image":
+        return _sniff_image(head)
+    if column == "driving_video":
+        return _sniff_video(head)
+    if column == "audio":
+        return _sniff_audio(head)
+    raise ValueError(f"no magic-byte rule for column {column!r}; known: {', '.join(KIND_FORMATS)}")
+
+
+def _sniff_image(head: bytes) -> str | None:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def _sniff_video(head: bytes) -> str | None:
+    if head[4:8] == b"ftyp":
+        return "mov" if head[8:12] == b"qt  " else "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):            # EBML: Matroska, or WebM by its DocType
+        return "webm" if b"webm" in head else "mkv"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def _sniff_audio(head: bytes) -> str | None:
+    if head.startswith(b"ID3"):
+        return "mp3"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head.startswith(b"OggS"):
+        return "ogg"
+    if head.startswith(b"fLaC"):
+        return "flac"
+    if head[4:8] == b"ftyp":
+        return "m4a"
+    if len(head) >= 2 and head[0] == 0xFF:
+        if head[1] & 0xF6 == 0xF0:                          # 12-bit sync, layer 00: AAC ADTS
+            return "aac"
+        if head[1] & 0xE0 == 0xE0 and head[1] & 0x06:       # 11-bit sync, layer I/II/III: MPEG audio
+            return "mp3"
+    return None
+
+
+# ── https host allowlist ─────────────────────────────────────────────────────────────────────────
+
+def parse_host_list(text: str | None) -> tuple[str, ...]:
+    """`TURBO_FETCH_ALLOW`-style text ("cdn.example.com, *.assets.example.com") → lower-case names."""
+    return tuple(h for h in (part.strip().lower() for part in (text or "").split(",")) if h)
+
+
+def host_allowed(host: str | None, allow: Iterable[str]) -> bool:
+    """Exact (case-insensitive) match, or `*.example.com` for any name under example.com (not
+    example.com itself). Ports are not part of the match. An empty allowlist allows nothing."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    for pattern in allow:
+        pattern = pattern.strip().lower().rstrip(".")
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif pattern and host == pattern:
+            return True
+    return False
 
 
 def _streams_of(info: dict[str, Any], codec_type: str) -> list[dict[str, Any]]:

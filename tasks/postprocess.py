@@ -16,12 +16,14 @@ import os
 import shlex
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ffmpeg
 import numpy as np
+
+from tasks.errors import PostprocessError
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +43,6 @@ X264_ARGS: dict[str, Any] = {
     "color_primaries": "bt709",
     "color_trc": "bt709",
 }
-
-
-class PostprocessError(RuntimeError):
-    """An ffmpeg/ffprobe command failed; carries the argv and the last lines of its stderr."""
-
-    def __init__(self, command: list[str], stderr_tail: str, reason: str = "ffmpeg failed"):
-        self.command, self.stderr_tail = list(command), stderr_tail
-        super().__init__(f"{reason}: {shlex.join(self.command)}\n--- stderr (tail) ---\n{stderr_tail}")
 
 
 @dataclass(frozen=True)
@@ -76,12 +70,6 @@ class PostprocessRecipe:
     @property
     def watermark_is_image(self) -> bool:
         return self.watermark is not None and self.watermark.lower().endswith(".png")
-
-    def describe(self) -> dict[str, Any]:
-        """Stable, JSON-serialisable dict of every field (sorted keys); part of the row hash."""
-        return dict(sorted(asdict(self).items()))
-
-    as_dict = describe
 
 
 @dataclass(frozen=True)

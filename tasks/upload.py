@@ -1,9 +1,9 @@
 """Upload sinks: a local directory (default) or an S3-compatible bucket (Cloudflare R2).
 
-    UploadError                 base of every upload failure
+    UploadError (tasks/errors.py)  base of every upload failure
     ├── UploadAuthError         403 / SignatureDoesNotMatch / InvalidAccessKeyId: not retried
     ├── UploadTransientError    5xx, 429, timeouts, connection errors: retryable
-    ├── UploadIntegrityError    the server computed another checksum than we sent (BadDigest)
+    ├── UploadIntegrityError    the server computed another checksum than we sent (BadDigest): retryable
     └── UploadConflictError     the key already holds different bytes (another sha256)
 
 Writes are idempotent: an object whose size and metadata sha256 already match is skipped, and a
@@ -15,17 +15,28 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 import boto3
 import botocore.exceptions
+import urllib3.exceptions
 from botocore.config import Config
+
+from tasks.errors import (
+    UploadAuthError,
+    UploadConflictError,
+    UploadError,
+    UploadIntegrityError,
+    UploadTransientError,
+    is_transient,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,29 +54,9 @@ _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnava
                     "RequestTimeTooSkewed"}
 
 
-class UploadError(RuntimeError):
-    """Base class of every upload failure."""
-
-
-class UploadAuthError(UploadError):
-    """Credentials were refused. Retrying cannot help."""
-
-
-class UploadTransientError(UploadError):
-    """The server or network failed in a way a later attempt may not."""
-
-
-class UploadIntegrityError(UploadError):
-    """The bytes the server received do not match the checksum we sent."""
-
-
-class UploadConflictError(UploadError):
-    """The key already holds an object with different content."""
-
-
 def is_retryable(exc: BaseException) -> bool:
     """For a Prefect `retry_condition_fn`: only transient failures are worth another attempt."""
-    return isinstance(exc, UploadTransientError)
+    return is_transient(exc)
 
 
 class Secret:
@@ -187,7 +178,7 @@ def r2_credentials(environ: dict[str, str] | None = None) -> R2Credentials:
     if block_name:
         from prefect.blocks.system import Secret as SecretBlock
 
-        value = SecretBlock.load(block_name).get()
+        value: Any = SecretBlock.load(block_name).get()  # type: ignore[union-attr]
         if isinstance(value, str):
             value = json.loads(value)
         if not isinstance(value, dict):
@@ -434,6 +425,13 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
 class _translate_errors:
     """Turn botocore exceptions into the UploadError tree (messages name bucket and key, never secrets)."""
 
+    # A refused or dropped connection, a read timeout, a response cut short. botocore wraps most of
+    # them (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError are HTTPClientErrors), but
+    # a body read outside its wrapper surfaces as urllib3's or http.client's own exception.
+    _NETWORK_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+                       botocore.exceptions.IncompleteReadError, urllib3.exceptions.ProtocolError,
+                       urllib3.exceptions.TimeoutError, http.client.IncompleteRead, TimeoutError)
+
     def __init__(self, bucket: str, key: str):
         self.where = f"s3://{bucket}/{key}"
         self.bucket = bucket
@@ -441,7 +439,7 @@ class _translate_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, UploadError):
             return False
         if isinstance(exc, botocore.exceptions.ClientError):
@@ -459,6 +457,6 @@ class _translate_errors:
                 raise UploadTransientError(f"{self.where}: server error {status} {code} after retries") from exc
             raise UploadError(f"{self.where}: {code or status}: {exc.response.get('Error', {}).get('Message', '')}") \
                 from exc
-        if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+        if isinstance(exc, self._NETWORK_ERRORS):
             raise UploadTransientError(f"{self.where}: network error after retries: {type(exc).__name__}") from exc
         return False

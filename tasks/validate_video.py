@@ -19,13 +19,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.errors import VideoValidationError
+
 CHECK_BOXES, CHECK_STREAM, CHECK_DECODE = "boxes", "stream", "decode"
-
-
-class VideoValidationError(ValueError):
-    def __init__(self, path: Path | str, check: str, reason: str):
-        self.path, self.check, self.reason = str(path), check, reason
-        super().__init__(f"{path}: video check '{check}' failed: {reason}")
 
 
 @dataclass(frozen=True)

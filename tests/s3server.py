@@ -10,6 +10,10 @@ Why this shape:
 - Region: ministack answers a presigned GET signed for region "auto" with a 301, and CreateBucket
   with "auto" fails, so test clients use "us-east-1" (R2 accepts it as an alias of "auto").
 
+With faults=True a FaultProxy (tests/faultproxy.py) sits between socat and ministack, and
+`server.faults` injects 5xx answers, dropped connections, truncated responses, corrupted bodies
+and stalls into chosen requests.
+
 Usage:
     with run_s3_server(tmp_dir) as server:
         bucket = server.create_bucket("videos")
@@ -36,6 +40,7 @@ from typing import Any
 import boto3
 
 from tasks.upload import make_s3_client
+from tests.faultproxy import FaultProxy
 
 ROOT_KEY = ROOT_SECRET = "test"  # ministack's root credentials (only used to create the IAM user)
 TEST_REGION = "us-east-1"
@@ -49,6 +54,7 @@ class S3TestServer:
     access_key_id: str
     secret_access_key: str
     region: str = TEST_REGION
+    faults: FaultProxy | None = None   # between socat and ministack when run with faults=True
 
     def client(self, *, secret_access_key: str | None = None, **kwargs: Any) -> Any:
         """An R2-configured client (tasks.upload.make_s3_client) talking https to this server."""
@@ -63,7 +69,8 @@ class S3TestServer:
 
 
 @contextmanager
-def run_s3_server(workdir: Path, startup_timeout: float = 20.0) -> Iterator[S3TestServer]:
+def run_s3_server(workdir: Path, startup_timeout: float = 20.0, *,
+                  faults: bool = False) -> Iterator[S3TestServer]:
     workdir.mkdir(parents=True, exist_ok=True)
     ca_path, cert_path, key_path = _write_tls_material(workdir)
     with ExitStack() as stack:
@@ -73,18 +80,20 @@ def run_s3_server(workdir: Path, startup_timeout: float = 20.0) -> Iterator[S3Te
                    AWS_ACCESS_KEY_ID=ROOT_KEY, AWS_SECRET_ACCESS_KEY=ROOT_SECRET)
         ministack = _start(stack, [sys.executable, "-m", "ministack"], env, workdir / "ministack.log")
         _wait_for_port(http_port, ministack, startup_timeout, workdir / "ministack.log")
+        proxy = stack.enter_context(FaultProxy(http_port)) if faults else None
 
         tls_port = _free_port()
         socat = _start(stack, [
             "socat", f"OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,"
                      f"cert={cert_path},key={key_path},verify=0",
-            f"TCP:127.0.0.1:{http_port}"], dict(os.environ), workdir / "socat.log")
+            f"TCP:127.0.0.1:{proxy.port if proxy else http_port}"], dict(os.environ), workdir / "socat.log")
         _wait_for_port(tls_port, socat, startup_timeout, workdir / "socat.log")
 
         http_url = f"http://127.0.0.1:{http_port}"
         access_key_id, secret = _create_iam_user(http_url)
         yield S3TestServer(endpoint_url=f"https://127.0.0.1:{tls_port}", http_endpoint_url=http_url,
-                           ca_path=ca_path, access_key_id=access_key_id, secret_access_key=secret)
+                           ca_path=ca_path, access_key_id=access_key_id, secret_access_key=secret,
+                           faults=proxy)
 
 
 def _create_iam_user(http_url: str) -> tuple[str, str]:
@@ -143,7 +152,7 @@ def _write_tls_material(workdir: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "turbo-batch test CA")])
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
