@@ -29,8 +29,8 @@ from bench.report import print_table, write_results  # noqa: E402
 from engine import loading  # noqa: E402
 from engine.attention import AttentionSpec, resolve_attention  # noqa: E402
 from engine.config import WanConfig, latent_shape  # noqa: E402
-from engine.pipeline import prepare_vae_for_device  # noqa: E402
 from engine.sampler import rcm_sample  # noqa: E402
+from engine.t2v import prepare_vae_for_device  # noqa: E402
 from engine.umt5 import HashTokenizer, TextEncoder, UMT5Encoder  # noqa: E402
 from engine.wan_dit import WanDiT  # noqa: E402
 from engine.wan_vae import WanVAE  # noqa: E402
@@ -158,7 +158,7 @@ def bench_peer(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
 
     vae = AutoencoderKLWan().to(DEV, DT).eval()
     with torch.inference_mode():
-        vae.decode(latents).sample  # warm-up
+        _ = vae.decode(latents).sample  # warm-up
         vae_times = timed(lambda: vae.decode(latents).sample, repeats)
     vae = None  # noqa: F841
     free()
@@ -253,6 +253,7 @@ def bench_cold_start(cfg: WanConfig, tmp: Path) -> dict[str, object]:
 
 def update_cold_start(cold: dict[str, object], args: argparse.Namespace) -> None:
     import json
+
     from bench.report import ROOT
     path = ROOT / "docs" / "benchmarks" / "engine.json"
     payload = json.loads(path.read_text()) if path.exists() else {"shapes": {}}

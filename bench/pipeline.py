@@ -31,7 +31,7 @@ from flows.cli import configure_local_prefect  # noqa: E402
 
 configure_local_prefect()   # the same settings `turbo-batch run` uses
 
-STAGES = ("t_text_s", "t_denoise_s", "t_vae_s", "t_postprocess_s", "t_validate_s", "t_upload_s")
+STAGES = ("t_fetch_s", "t_text_s", "t_denoise_s", "t_vae_s", "t_postprocess_s", "t_validate_s", "t_upload_s")
 
 
 def write_manifest(path: Path, rows: int, frames: int) -> None:
@@ -44,18 +44,21 @@ def write_manifest(path: Path, rows: int, frames: int) -> None:
 
 def run_plain_loop(manifest: Path, out: Path) -> float:
     """The same stage functions, called one after another, nothing else."""
+    from flows.shard import new_engine
     from tasks.deliver import run_deliver
     from tasks.generate import run_generate
-    from tasks.identity import model_identity, output_key, row_hash
+    from tasks.identity import row_key
     from tasks.manifest import read_manifest
     from tasks.upload import LocalSink
 
     sink = LocalSink(out)
+    engine = new_engine()
     t = time.perf_counter()
     rows = read_manifest(manifest).rows
     for row in rows:
-        key = output_key(row, row_hash(row, model_identity(row.model, None)))
-        gen = run_generate(row, out / "work" / key)
+        spec = engine.load_spec(row.model, row.quant_linear)
+        key = row_key(row, engine, spec)
+        gen = run_generate(row, out / "work" / key, engine, spec)
         run_deliver(gen.frames_path, row.postprocess_fields(), key, sink)
     return time.perf_counter() - t
 
@@ -86,8 +89,6 @@ def main() -> None:
         os.environ["TURBO_EMBED_CACHE"] = str(root / "text-cache")
         manifest = root / "bench.csv"
         write_manifest(manifest, args.rows, args.frames)
-        from engine.pipeline import get_pipeline
-        get_pipeline("tiny-t2v")      # both runs start with a warm model, as a worker would
         plain_s = run_plain_loop(manifest, root / "plain")
         flow_s, stages = run_flow(manifest, root / "flow")
 

@@ -1,7 +1,8 @@
 """Attention backends for the Wan DiT: dense SDPA, SLA (sparse-linear attention) and SageSLA.
 
-Every backend keeps the same module tree, so a released TurboWan checkpoint (trained with SLA) loads
-strictly whatever backend runs it:
+The backend and top-k are per-request runtime settings of one loaded model
+(`SelfAttentionOp.set_runtime`). Every backend keeps the same module tree, so a released TurboWan
+checkpoint (trained with SLA) loads strictly whatever backend runs it:
 
     self_attn.attn_op                 SelfAttentionOp
     self_attn.attn_op.local_attn      SLA module (TurboDiffusion's kernel class or our reference)
@@ -36,6 +37,11 @@ from .config import AttentionType
 from .errors import BackendUnavailableError, RequestError
 
 log = logging.getLogger(__name__)
+
+__all__ = ["AttentionSpec", "SelfAttentionOp", "SparseLinearAttentionReference", "cross_attention",
+           "dense_attention", "linear_attention_branch", "resolve_attention", "sagesla_kernels_available",
+           "sla_block_selection", "sla_kernels_available", "sla_num_selected",
+           "sparse_linear_attention_reference"]
 
 LINEAR_EPS = 1e-5   # denominator epsilon of the linear branch (TurboDiffusion repo HEAD)
 
@@ -218,31 +224,61 @@ cross_attention = dense_attention   # text cross-attention is always dense (Turb
 
 
 def _kernel_local_attn(spec: AttentionSpec, head_dim: int) -> nn.Module | None:
-    """TurboDiffusion's SLA/SageSLA module when its package is installed, else None."""
-    if spec.type is AttentionType.SAGESLA and sagesla_kernels_available():
-        from turbodiffusion.SLA import SageSparseLinearAttention
-        return SageSparseLinearAttention(head_dim, spec.topk)
-    if spec.type is AttentionType.SLA and sla_kernels_available():
+    """TurboDiffusion's SLA module when its package is installed, else None.
+
+    Built whatever backend the first request asks for: the backend and top-k are chosen per
+    request (`SelfAttentionOp.set_runtime`), and an SLA-trained checkpoint may run under any.
+    """
+    if sla_kernels_available():
         from turbodiffusion.SLA import SparseLinearAttention
         return SparseLinearAttention(head_dim, spec.topk, BLKQ=spec.blkq, BLKK=spec.blkk)
     return None
 
 
 class SelfAttentionOp(nn.Module):
-    """The DiT's self-attention kernel (`self_attn.attn_op`). Its child `local_attn` always owns proj_l."""
+    """The DiT's self-attention kernel (`self_attn.attn_op`). Its child `local_attn` always owns proj_l.
+
+    The backend and top-k are runtime settings, not part of the weights: `set_runtime()` switches
+    them between requests on one loaded model (two rows that differ only in top-k share a load).
+    It is called outside any compiled region; a compiled block guards on the values, so each
+    distinct setting compiles once and is then reused.
+    """
 
     def __init__(self, head_dim: int, spec: AttentionSpec):
         super().__init__()
         self.spec = spec
+        self.head_dim = head_dim
         kernel = _kernel_local_attn(spec, head_dim)
         self.has_kernel = kernel is not None
         self.local_attn: nn.Module = kernel if kernel is not None else SparseLinearAttentionReference(
             head_dim, spec.topk, spec.blkq, spec.blkk)
+        self._sage: nn.Module | None = None
+
+    def set_runtime(self, kind: AttentionType, topk: float) -> None:
+        """Backend and top-k for the next forwards. `kind` must be resolved (see resolve_attention)."""
+        if kind is self.spec.type and topk == self.spec.topk:
+            return
+        self.spec = AttentionSpec(type=kind, topk=topk, blkq=self.spec.blkq, blkk=self.spec.blkk)
+        self.local_attn.topk = topk  # type: ignore[assignment]  # the kernel reads it at forward
+        if self._sage is not None:
+            self._sage.topk = topk  # type: ignore[assignment]
+
+    def _sage_module(self) -> nn.Module:
+        """SpargeAttn's SageSLA, built on first use and sharing local_attn's proj_l (one set of weights)."""
+        if self._sage is None:
+            from turbodiffusion.SLA import SageSparseLinearAttention
+            sage = SageSparseLinearAttention(self.head_dim, self.spec.topk)
+            sage.proj_l = self.local_attn.proj_l
+            object.__setattr__(self, "_sage", sage)   # not a child: its state is local_attn's
+        assert self._sage is not None
+        return self._sage
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q, k, v: (B, L, H, D) -> (B, L, H, D). Branches depend on config and device only (compile-safe).
+        # q, k, v: (B, L, H, D) -> (B, L, H, D). Branches depend on runtime settings and device only.
         if self.spec.type is AttentionType.ORIGINAL:
             return dense_attention(q, k, v)
+        if self.spec.type is AttentionType.SAGESLA and q.is_cuda:
+            return self._sage_module()(q, k, v)
         if self.has_kernel and q.is_cuda:
             return self.local_attn(q, k, v)
         proj_l = self.local_attn.proj_l

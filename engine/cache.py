@@ -1,10 +1,9 @@
-"""Process-wide warm model cache.
+"""A warm model cache, owned by whoever creates it (a worker, the CLI run), never module-global.
 
-A worker loads each model once: the cache is keyed by everything that makes two loaded models
-differ (preset, files, dtype, attention configuration, int8 path), holds them in
-least-recently-used order, and evicts the oldest until a new one fits the VRAM budget. A model
-that cannot fit even in an empty cache raises `ModelMemoryError` naming the model and the budget.
-Nothing loads at import time; `clear()` empties it (tests, CUDA out-of-memory recovery).
+Keyed only by what changes the loaded weights (`LoadSpec.cache_key()`: preset, resolved files,
+dtype, int8 path and device with its index), it holds models in least-recently-used order and
+evicts the oldest until a new one fits the VRAM budget. A model that cannot fit even in an empty
+cache raises `ModelMemoryError` naming the model and the budget. Nothing loads at import time.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from typing import Generic, TypeVar
 import torch
 
 from .errors import ModelMemoryError
+
+__all__ = ["ModelCache", "device_budget_bytes"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +66,9 @@ class ModelCache(Generic[T]):
     def keys(self) -> list[Hashable]:
         return list(self._entries)
 
+    def values(self) -> list[T]:
+        return [e.value for e in self._entries.values()]
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -77,12 +81,10 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def default_budget_bytes() -> int | None:
-    """TURBO_VRAM_BUDGET_GB, else 92% of the visible GPU's memory; no budget on CPU."""
-    import os
-    env = os.environ.get("TURBO_VRAM_BUDGET_GB")
-    if env:
-        return int(float(env) * 2**30)
-    if torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(0).total_memory * 0.92)
+def device_budget_bytes(device: torch.device, budget_gb: float | None = None) -> int | None:
+    """`budget_gb` when given, else 92 % of that GPU's memory; no budget on the CPU."""
+    if budget_gb is not None:
+        return int(budget_gb * 2**30)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.92)
     return None

@@ -1,17 +1,19 @@
-"""Model presets and the generation request.
+"""Model shapes: the Wan DiT, umT5 and VAE dimensions, and the pixel sizes per resolution.
 
 Everything here is plain frozen dataclasses: the engine never sees argparse, Prefect or manifest
-objects. `WanConfig.from_name()` picks a preset; `GenerationRequest.validated()` checks a request
-against it and raises `RequestError` naming the field and the allowed values.
+objects. Which models exist, with which checkpoint files, is the registry's (engine/registry.py);
+`WanConfig.from_name()` looks a model's shape up there.
 """
 
 from __future__ import annotations
 
 import enum
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .errors import RequestError
+
+__all__ = ["TINY_SIZES", "WAN_SIZES", "AttentionType", "UMT5Config", "VAEConfig", "WanConfig",
+           "latent_shape"]
 
 
 class AttentionType(enum.StrEnum):
@@ -62,16 +64,6 @@ TINY_SIZES: dict[str, dict[str, tuple[int, int]]] = {
 
 
 @dataclass(frozen=True)
-class CheckpointNames:
-    """File names inside the checkpoints folder, as TurboDiffusion publishes them."""
-    dit: str = ""
-    dit_quant: str = ""
-    vae: str = "Wan2.1_VAE.pth"
-    text_encoder: str = "models_t5_umt5-xxl-enc-bf16.pth"
-    tokenizer: str = "google/umt5-xxl"
-
-
-@dataclass(frozen=True)
 class WanConfig:
     """One model preset: DiT shape plus the text encoder, VAE and file names that go with it."""
     name: str
@@ -91,9 +83,8 @@ class WanConfig:
     default_resolution: str = "480p"
     umt5: UMT5Config = field(default_factory=UMT5Config)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    files: CheckpointNames = field(default_factory=CheckpointNames)
     sizes: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: WAN_SIZES)
-    random_init: bool = False       # tiny preset: seeded random weights, no files
+    random_init: bool = False       # tiny presets: seeded random weights unless their files are given
     param_billions: float = 0.0     # for cost estimates in shard planning
 
     @property
@@ -102,10 +93,9 @@ class WanConfig:
 
     @classmethod
     def from_name(cls, name: str) -> WanConfig:
-        try:
-            return PRESETS[name]
-        except KeyError:
-            raise RequestError("model", name, "one of " + ", ".join(sorted(PRESETS))) from None
+        """The DiT shape of a registered model (engine/registry.py)."""
+        from .registry import get_model
+        return get_model(name).config
 
     def size(self, resolution: str, aspect_ratio: str) -> tuple[int, int]:
         """(width, height) in pixels."""
@@ -115,104 +105,6 @@ class WanConfig:
         if aspect_ratio not in table:
             raise RequestError("aspect_ratio", aspect_ratio, " | ".join(table))
         return table[aspect_ratio]
-
-
-PRESETS: dict[str, WanConfig] = {
-    "wan2.1-t2v-1.3b": WanConfig(
-        name="wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
-        files=CheckpointNames(dit="TurboWan2.1-T2V-1.3B-480P.pth",
-                              dit_quant="TurboWan2.1-T2V-1.3B-480P-quant.pth"),
-        param_billions=1.3),
-    "wan2.1-t2v-14b": WanConfig(
-        name="wan2.1-t2v-14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
-        default_resolution="720p",
-        files=CheckpointNames(dit="TurboWan2.1-T2V-14B-720P.pth",
-                              dit_quant="TurboWan2.1-T2V-14B-720P-quant.pth"),
-        param_billions=14.0),
-    # Same classes, tiny dimensions, seeded random weights: output is noise. For trying the tool
-    # without checkpoints and for tests.
-    "tiny-t2v": WanConfig(
-        name="tiny-t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2,
-        text_dim=32, text_len=32, freq_dim=32,
-        umt5=UMT5Config(vocab_size=512, dim=32, dim_attn=32, dim_ffn=64, num_heads=2,
-                        num_layers=2, num_buckets=8, text_len=32),
-        vae=VAEConfig(dim=8),
-        sizes=TINY_SIZES, random_init=True, param_billions=0.001),
-}
-# The 14B files come per resolution; the 480P one is picked with dit_file/explicit path.
-TURBOWAN_14B_480P = "TurboWan2.1-T2V-14B-480P.pth"
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    resolution: str = "480p"
-    aspect_ratio: str = "16:9"
-    num_frames: int = 81
-    num_steps: int = 4
-    seed: int = 0
-    sigma_max: float = 80.0
-    attention_type: str = "auto"
-    sla_topk: float = 0.1
-    quant_linear: str = "auto"      # auto (from the file) | true | false
-    sampler: str = "sde"            # sde (TurboDiffusion default) | ode
-
-    def validated(self, config: WanConfig) -> GenerationRequest:
-        """Return the request with normalised values, or raise RequestError on the first bad field."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise RequestError("prompt", self.prompt, "a non-empty string")
-        config.size(self.resolution, self.aspect_ratio)
-        frames = _as_int("num_frames", self.num_frames)
-        if frames < 1 or frames > config.max_frames or (frames - 1) % 4:
-            raise RequestError("num_frames", self.num_frames,
-                               f"4k+1 between 1 and {config.max_frames} (e.g. 33, 81, 121)")
-        steps = _as_int("num_steps", self.num_steps)
-        if steps not in (1, 2, 3, 4):
-            raise RequestError("num_steps", self.num_steps, "1, 2, 3 or 4")
-        seed = _as_int("seed", self.seed)
-        if not 0 <= seed < 2**63:
-            raise RequestError("seed", self.seed, "an integer in [0, 2^63)")
-        sigma = _as_float("sigma_max", self.sigma_max)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise RequestError("sigma_max", self.sigma_max, "a positive finite number (default 80)")
-        attn = str(self.attention_type).lower()
-        if attn not in set(AttentionType):
-            raise RequestError("attention_type", self.attention_type,
-                               " | ".join(a.value for a in AttentionType))
-        topk = _as_float("sla_topk", self.sla_topk)
-        if not 0 < topk <= 1:
-            raise RequestError("sla_topk", self.sla_topk, "a fraction in (0, 1] (default 0.1)")
-        quant = str(self.quant_linear).lower()
-        if quant not in ("auto", "true", "false"):
-            raise RequestError("quant_linear", self.quant_linear, "auto | true | false")
-        if self.sampler not in ("sde", "ode"):
-            raise RequestError("sampler", self.sampler, "sde | ode")
-        return replace(self, num_frames=frames, num_steps=steps, seed=seed, sigma_max=sigma,
-                       attention_type=attn, sla_topk=topk, quant_linear=quant)
-
-
-def _as_int(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise RequestError(name, value, "an integer")
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise RequestError(name, value, "an integer")
-
-
-def _as_float(name: str, value: object) -> float:
-    if isinstance(value, bool):
-        raise RequestError(name, value, "a number")
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise RequestError(name, value, "a number") from None
 
 
 def latent_shape(config: WanConfig, num_frames: int, width: int, height: int) -> tuple[int, int, int, int]:

@@ -6,7 +6,7 @@ Format (turbodiffusion/ops/core.py::Int8Linear, ops/quant/quant.hpp): per Linear
 q = round_to_nearest(W * 128/amax) saturated to [-128, 127], scale = amax/128.
 
 At runtime the int8 GEMM (`turbodiffusion.ops.int8_linear`) is slower than bf16 cuBLAS on H100
-(0.5-0.7x, turbodiffusion.md §6b), so by default `convert_int8_for_runtime` dequantizes every layer
+(0.5-0.7x, measured; docs/BENCHMARKS.md), so by default `convert_int8_for_runtime` dequantizes every layer
 back into a plain nn.Linear; the int8 kernels are used only when asked for and available.
 """
 
@@ -21,6 +21,9 @@ from typing import cast
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+__all__ = ["Int8Linear", "convert_int8_for_runtime", "dequantize_weight", "quantize_weight",
+           "swap_block_linears_for_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.int8_weight: torch.Tensor
+        self.scale: torch.Tensor
         self.register_buffer("int8_weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(*_tiles(out_features, in_features), dtype=torch.float32))
         self.bias: torch.Tensor | None

@@ -21,6 +21,9 @@ from torch import nn
 
 from .errors import CheckpointError
 
+__all__ = ["build_random", "cast_floating", "check_keys", "file_identity", "finish_load",
+           "load_module", "prefetch_file", "read_state_dict", "to_device_in_file_order"]
+
 log = logging.getLogger(__name__)
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+__all__ = ["initial_noise", "rcm_sample", "rcm_timesteps"]
+
 MID_ANGLES = (1.5, 1.4, 1.0)
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, timestep·1000) -> v

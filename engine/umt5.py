@@ -1,7 +1,7 @@
 """umT5-XXL text encoder (Wan's T5 layout) and the prompt -> embeddings wrapper.
 
-`UMT5Encoder` reproduces `models_t5_umt5-xxl-enc-bf16.pth` exactly (keys, shapes and order; see
-shared/reference/checkpoint_keys.md §4): Wan's own T5 layout, not transformers' `UMT5EncoderModel`.
+`UMT5Encoder` reproduces `models_t5_umt5-xxl-enc-bf16.pth` exactly (keys, shapes and
+order, checked by tests/engine/test_umt5.py): Wan's own T5 layout, not transformers' `UMT5EncoderModel`.
 T5 conventions: RMSNorm without mean subtraction (variance in fp32), attention without 1/sqrt(d)
 scaling plus a learned relative-position bias (one table per block in umT5), gated-GELU (tanh) FFN.
 
@@ -29,6 +29,9 @@ from torch import Tensor, nn
 
 from .config import UMT5Config
 from .errors import CheckpointError
+
+__all__ = ["HFTokenizer", "HashTokenizer", "PromptTokenizer", "TextEncoder", "UMT5Encoder",
+           "clean_prompt", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 Reads top-down: norms → RoPE → self-attention → cross-attention → block → head → WanDiT.
 `WanDiT.state_dict()` has exactly the keys, shapes and order of the released TurboWan `.pth` files
-(checkpoint_keys.md §2): `patch_embedding` is a Linear over (c, kt, kh, kw)-flattened patches and every
-self-attention holds SLA's `proj_l`. The math follows TurboDiffusion's `rcm/networks/wan2pt1.py` as the
-released pipeline runs it (FastRMSNorm/FastLayerNorm in fp32, residual stream in the module dtype,
-modulation and time embedding in fp32, head in fp32).
+(checked by tests/engine/test_dit.py on meta): `patch_embedding` is a Linear over (c, kt, kh, kw)-
+flattened patches and every self-attention holds SLA's `proj_l`. The math follows TurboDiffusion's
+`rcm/networks/wan2pt1.py` as the released pipeline runs it (FastRMSNorm/FastLayerNorm in fp32,
+residual stream in the module dtype, modulation and time embedding in fp32, head in fp32).
 
 Build under `torch.device("meta")` and `load_state_dict(..., assign=True)`: nothing here allocates at
 construction except parameters, and the RoPE tables are a plain cache, not state.
@@ -14,14 +14,16 @@ construction except parameters, and the RoPE tables are a plain cache, not state
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import AttentionSpec, SelfAttentionOp, cross_attention
-from .config import WanConfig
+from .config import AttentionType, WanConfig
+
+__all__ = ["WanDiT", "apply_rope", "patchify", "rope_cos_sin", "sinusoidal_embedding", "unpatchify"]
 
 # ---------------------------------------------------------------------------------------------
 # Norms (fp32 compute, output in the input dtype)
@@ -259,12 +261,14 @@ class WanDiT(nn.Module):
     def time_conditioning(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] timesteps (t*1000) -> (e [B, dim], e0 [B, 6, dim]), both fp32."""
         sin_emb = sinusoidal_embedding(self.config.freq_dim, timestep).float()
-        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], sin_emb)))
-        e0 = _linear_fp32(self.time_projection[1], F.silu(e))
+        first, second = cast(nn.Linear, self.time_embedding[0]), cast(nn.Linear, self.time_embedding[2])
+        e = _linear_fp32(second, F.silu(_linear_fp32(first, sin_emb)))
+        e0 = _linear_fp32(cast(nn.Linear, self.time_projection[1]), F.silu(e))
         return e, e0.unflatten(1, (6, self.config.dim))
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, in_dim, T, H, W], timestep [B] (t*1000), context [B, L_text, text_dim] -> [B, out_dim, T, H, W] fp32."""
+        """x [B, in_dim, T, H, W], timestep [B] (t*1000), context [B, L_text, text_dim]
+        -> [B, out_dim, T, H, W] fp32."""
         kt, kh, kw = self.config.patch_size
         _, _, t, h, w = x.shape
         grid = (t // kt, h // kh, w // kw)
@@ -280,6 +284,18 @@ class WanDiT(nn.Module):
 
         out = self.head(tokens, e)                                                     # [B, L, kt*kh*kw*out]
         return unpatchify(out, grid, self.config.patch_size)
+
+    def set_attention(self, kind: AttentionType, topk: float) -> None:
+        """Backend and SLA top-k of every self-attention for the next forwards (per request).
+
+        Call it outside compiled code; it only touches the ops whose settings change."""
+        for op in self._attention_ops():
+            op.set_runtime(kind, topk)
+        self.attention = AttentionSpec(type=kind, topk=topk, blkq=self.attention.blkq,
+                                       blkk=self.attention.blkk)
+
+    def _attention_ops(self) -> list[SelfAttentionOp]:
+        return [cast(WanAttentionBlock, block).self_attn.attn_op for block in self.blocks]
 
     def compile_blocks(self, **kw: Any) -> None:
         """Regional compile: torch.compile each block in place (state_dict keys unchanged). Explicit call only."""

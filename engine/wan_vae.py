@@ -1,7 +1,7 @@
 """Wan2.1 causal 3-D VAE: video [B, 3, F, H, W] in [-1, 1] <-> latents [B, 16, T, H/8, W/8].
 
-The module tree reproduces `Wan2.1_VAE.pth` exactly (keys, shapes and order; see
-shared/reference/checkpoint_keys.md §3), so the file loads strictly with `load_state_dict(assign=True)`.
+The module tree reproduces `Wan2.1_VAE.pth` exactly (keys, shapes and order, checked by
+tests/engine/test_vae.py), so the file loads strictly with `load_state_dict(assign=True)`.
 
 Time is causal: every 3-D conv pads only on the left in time, so frame t never sees frames after t.
 The video is processed in chunks (encoder: frame 1, then 4 frames at a time; decoder: one latent
@@ -19,12 +19,15 @@ Nothing here is a buffer: the module is safe to build on `meta` and load with `a
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VAEConfig
+
+__all__ = ["LATENT_MEAN", "LATENT_STD", "WanVAE", "denormalize_latents", "normalize_latents"]
 
 CACHE_T = 2  # frames of history a causal time-kernel-3 conv needs
 
@@ -213,6 +216,7 @@ class Resample(nn.Module):
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
                                           nn.Conv2d(channels, channels, 3, stride=2))
+        self.time_conv: nn.Module
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(channels, channels * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode == "downsample3d":
@@ -226,7 +230,7 @@ class Resample(nn.Module):
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
         if self.mode == "upsample3d":
             x = self._double_time(x, cache)
-        conv = self.resample[1]
+        conv = cast(nn.Conv2d, self.resample[1])
         if self.mode.startswith("upsample"):
             x = _frame_conv2d(conv, _nearest_up2(x), padding=1)
         else:
@@ -236,7 +240,7 @@ class Resample(nn.Module):
         return x
 
     def _double_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        slot = self.time_conv.cache_slot
+        slot = cast(CausalConv3d, self.time_conv).cache_slot
         if cache[slot] is None:
             # First chunk: no time conv. Later chunks see zero history, as Wan's first real call.
             cache[slot] = _zeros_like_layout(x, (*x.shape[:2], CACHE_T, *x.shape[3:]))
@@ -265,7 +269,7 @@ def _number_cache_slots(root: nn.Module) -> int:
     count = 0
     for module in root.modules():
         if getattr(module, "uses_cache", False):
-            module.cache_slot = count
+            module.cache_slot = count  # type: ignore[assignment]
             count += 1
     return count
 

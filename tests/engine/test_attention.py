@@ -160,7 +160,8 @@ def test_resolve_unknown_name():
 
 
 def test_explicit_sla_on_cuda_without_turbodiffusion_says_how_to_install(no_kernels):
-    with pytest.raises(BackendUnavailableError, match=r"turbodiffusion\.SLA.*pip install -e \.\[gpu\].*no-build-isolation"):
+    needle = r"turbodiffusion\.SLA.*pip install -e \.\[gpu\].*no-build-isolation"
+    with pytest.raises(BackendUnavailableError, match=needle):
         resolve_attention("sla", torch.device("cuda"))
 
 

@@ -11,21 +11,27 @@ from safetensors.torch import save_file
 
 from engine import loading
 from engine.attention import AttentionSpec
-from engine.config import AttentionType, CheckpointNames, GenerationRequest, WanConfig
+from engine.config import AttentionType, WanConfig
 from engine.errors import CheckpointError
+from engine.family import LoadSpec
 from engine.int8 import swap_block_linears_for_int8
-from engine.pipeline import ModelFiles, WanT2VPipeline, resolve_files
+from engine.registry import CheckpointFile, ModelFiles, ModelSpec, resolve_files
+from engine.requests import T2VRequest as GenerationRequest
+from engine.settings import EngineSettings
+from engine.t2v import WanT2VPipeline
 from engine.umt5 import UMT5Encoder
 from engine.wan_dit import WanDiT
 from engine.wan_vae import WanVAE
 
 CPU = torch.device("cpu")
 SPEC = AttentionSpec(type=AttentionType.SLA, topk=0.5)
-TINY = dataclasses.replace(
-    WanConfig.from_name("tiny-t2v"), random_init=False,
-    files=CheckpointNames(dit="TurboWan-tiny.pth", dit_quant="TurboWan-tiny-quant.pth",
-                          vae="Wan2.1_VAE.pth", text_encoder="models_t5_umt5-xxl-enc-bf16.pth",
-                          tokenizer=""))
+TINY = dataclasses.replace(WanConfig.from_name("tiny-t2v"), random_init=False)
+# A real (non-random) preset of tiny shape, with TurboDiffusion's file layout.
+TINY_SPEC = ModelSpec(name="tiny-t2v", mode="t2v", config=TINY, files=(
+    CheckpointFile("dit", "TurboWan-tiny.pth", quant_name="TurboWan-tiny-quant.pth"),
+    CheckpointFile("vae", "Wan2.1_VAE.pth"),
+    CheckpointFile("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth")))
+NAMES = {f.role: f for f in TINY_SPEC.files}
 
 
 def _random(build, seed: int) -> torch.nn.Module:
@@ -50,27 +56,29 @@ def ckpt_dir(tmp_path_factory) -> Path:
     with torch.no_grad():    # SLA's proj_l starts at zero; give it weights so loading shows
         for p in dit.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    torch.save(dit.state_dict(), root / TINY.files.dit)
+    torch.save(dit.state_dict(), root / NAMES["dit"].name)
     swap_block_linears_for_int8(dit, quantize=True)
     (root / "quant").mkdir()
-    torch.save(dit.state_dict(), root / "quant" / TINY.files.dit_quant)
-    torch.save(_random(lambda: WanVAE(TINY.vae), 2).state_dict(), root / TINY.files.vae)
-    torch.save(_random(lambda: UMT5Encoder(TINY.umt5), 3).state_dict(), root / TINY.files.text_encoder)
+    torch.save(dit.state_dict(), root / "quant" / NAMES["dit"].quant_name)
+    torch.save(_random(lambda: WanVAE(TINY.vae), 2).state_dict(), root / NAMES["vae"].name)
+    torch.save(_random(lambda: UMT5Encoder(TINY.umt5), 3).state_dict(), root / NAMES["text_encoder"].name)
     _save_tokenizer(root / "tokenizer")
     return root
 
 
 def _files(root: Path, **override) -> ModelFiles:
-    return dataclasses.replace(resolve_files(TINY, root), **{"tokenizer": root / "tokenizer", **override})
+    paths = {**resolve_files(TINY_SPEC, root).paths, "tokenizer": root / "tokenizer", **override}
+    return ModelFiles(paths)
 
 
 def _pipeline(files: ModelFiles) -> WanT2VPipeline:
-    return WanT2VPipeline(TINY, files, device=CPU, dtype=torch.float32, attention=SPEC)
+    spec = LoadSpec(model=TINY_SPEC, files=files, device=CPU, dtype=torch.float32)
+    return WanT2VPipeline(spec, EngineSettings())
 
 
 def test_tiny_checkpoints_load_strictly_and_generate(ckpt_dir):
     pipe = _pipeline(_files(ckpt_dir))
-    saved = torch.load(ckpt_dir / TINY.files.dit, weights_only=True)
+    saved = torch.load(ckpt_dir / NAMES["dit"].name, weights_only=True)
     assert saved.keys() == pipe.dit.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in pipe.dit.state_dict().items())
     assert pipe.int8_path == "none"
@@ -81,7 +89,7 @@ def test_tiny_checkpoints_load_strictly_and_generate(ckpt_dir):
 
 def test_quant_checkpoint_is_dequantized_and_close_to_bf16(ckpt_dir):
     plain = _pipeline(_files(ckpt_dir))
-    quant_files = _files(ckpt_dir, dit=ckpt_dir / "quant" / TINY.files.dit_quant)
+    quant_files = _files(ckpt_dir, dit=ckpt_dir / "quant" / NAMES["dit"].quant_name)
     quant = _pipeline(quant_files)
     assert quant.int8_path == "dequantized"
     x = torch.randn(1, 16, 2, 8, 14)
@@ -93,19 +101,18 @@ def test_quant_checkpoint_is_dequantized_and_close_to_bf16(ckpt_dir):
 
 
 def test_auto_picks_quant_file_when_it_is_the_only_dit(ckpt_dir):
-    files = resolve_files(TINY, ckpt_dir / "quant", dit=None, vae=ckpt_dir / TINY.files.vae,
-                          text_encoder=ckpt_dir / TINY.files.text_encoder)
-    assert files.dit == ckpt_dir / "quant" / TINY.files.dit_quant
+    others = {"vae": ckpt_dir / NAMES["vae"].name, "text_encoder": ckpt_dir / NAMES["text_encoder"].name}
+    files = resolve_files(TINY_SPEC, ckpt_dir / "quant", overrides=others)
+    assert files.get("dit") == ckpt_dir / "quant" / NAMES["dit"].quant_name
     with pytest.raises(CheckpointError, match="TurboWan-tiny.pth"):
-        resolve_files(TINY, ckpt_dir / "quant", quant_linear="false",
-                      vae=ckpt_dir / TINY.files.vae, text_encoder=ckpt_dir / TINY.files.text_encoder)
+        resolve_files(TINY_SPEC, ckpt_dir / "quant", quant_linear="false", overrides=others)
 
 
 def test_missing_file_names_every_missing_path(tmp_path):
     with pytest.raises(CheckpointError) as err:
-        resolve_files(TINY, tmp_path)
+        resolve_files(TINY_SPEC, tmp_path)
     msg = str(err.value)
-    for name in (TINY.files.dit, TINY.files.vae, TINY.files.text_encoder):
+    for name in (NAMES["dit"].name, NAMES["vae"].name, NAMES["text_encoder"].name):
         assert str(tmp_path / name) in msg
     assert "README" in msg
 
@@ -116,7 +123,7 @@ def test_missing_file_names_every_missing_path(tmp_path):
     ("shape", "mismatched", "patch_embedding.weight file [64, 16, 1, 2, 2] vs model [64, 64]"),
 ])
 def test_damaged_dit_file_names_file_and_keys(ckpt_dir, tmp_path, damage, field, needle):
-    state = torch.load(ckpt_dir / TINY.files.dit, weights_only=True)
+    state = torch.load(ckpt_dir / NAMES["dit"].name, weights_only=True)
     if damage == "drop":
         del state["blocks.1.ffn.0.weight"]
     elif damage == "extra":
@@ -147,7 +154,7 @@ def test_vae_and_umt5_load_strictly(ckpt_dir, tmp_path, part, build, name):
 
 
 def test_safetensors_loads_the_same(ckpt_dir, tmp_path):
-    state = torch.load(ckpt_dir / TINY.files.vae, weights_only=True)
+    state = torch.load(ckpt_dir / NAMES["vae"].name, weights_only=True)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "vae.safetensors")
     module = loading.load_module(lambda: WanVAE(TINY.vae), tmp_path / "vae.safetensors",
                                  device=CPU, dtype=torch.float32)

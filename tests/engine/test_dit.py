@@ -117,7 +117,8 @@ def test_rope_matches_complex_rotation_of_wan_frequency_tables():
 
 def test_sinusoidal_embedding_formula():
     emb = sinusoidal_embedding(8, torch.tensor([0.0, 987.7], dtype=torch.float64))
-    want = [[math.cos(987.7 * 10000 ** (-i / 4)) for i in range(4)] + [math.sin(987.7 * 10000 ** (-i / 4)) for i in range(4)]]
+    angles = [987.7 * 10000 ** (-i / 4) for i in range(4)]
+    want = [[math.cos(a) for a in angles] + [math.sin(a) for a in angles]]
     torch.testing.assert_close(emb[1:], torch.tensor(want, dtype=torch.float64))
     assert emb[0].tolist() == [1.0] * 4 + [0.0] * 4
 

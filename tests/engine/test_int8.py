@@ -87,7 +87,8 @@ def test_swapped_tiny_dit_has_the_quant_layout():
     assert len(block0) == 39
     linears = [f"self_attn.{n}" for n in "qkvo"] + [f"cross_attn.{n}" for n in "qkvo"] + ["ffn.0", "ffn.2"]
     for name in linears:
-        assert [f"{name}.int8_weight", f"{name}.scale", f"{name}.bias"] == [k for k in block0 if k.startswith(name + ".")]
+        keys = [k for k in block0 if k.startswith(name + ".")]
+        assert [f"{name}.int8_weight", f"{name}.scale", f"{name}.bias"] == keys
     # Everything outside the block Linears (incl. proj_l and all non-block layers) is untouched.
     kept = [k for k in plain if not any(f".{n}." in k for n in linears)]
     assert all(k in state and state[k].dtype == plain[k].dtype for k in kept)

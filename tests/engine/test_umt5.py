@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from engine.config import PRESETS, UMT5Config
+from engine.config import UMT5Config, WanConfig
 from engine.errors import CheckpointError
 from engine.umt5 import (
     HashTokenizer,
@@ -21,7 +21,7 @@ from engine.umt5 import (
     relative_position_buckets,
 )
 
-TINY = PRESETS["tiny-t2v"].umt5
+TINY = WanConfig.from_name("tiny-t2v").umt5
 
 
 def _random_encoder(seed: int = 0, config: UMT5Config = TINY) -> UMT5Encoder:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import PRESETS, VAEConfig
+from engine.config import VAEConfig, WanConfig
 from engine.wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, denormalize_latents, normalize_latents
 
-TINY = PRESETS["tiny-t2v"].vae
+TINY = WanConfig.from_name("tiny-t2v").vae
 
 
 def _random_vae(seed: int = 0, config: VAEConfig = TINY) -> WanVAE:

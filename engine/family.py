@@ -1,0 +1,171 @@
+"""The pipeline family: one protocol for every mode, and the `Engine` that owns warm models.
+
+    Engine(settings, device=…)           created at the edge (a worker, the CLI run); owns the cache
+      .load_spec(model, quant_linear)    -> LoadSpec: resolved files, device cuda:N, dtype
+      .pipeline(spec)                    -> a warm Pipeline (loaded once per spec.cache_key())
+      .model_identity(spec)              -> files by name, size and content digest (row identity)
+    load(spec, settings)                 -> the mode's Pipeline (engine/t2v.py; i2v and dance next)
+    Pipeline.generate(request)           -> GenerationResult (uint8 frames, timings, warnings)
+
+Requests are frozen and typed per mode (engine/requests.py). Per-request settings (attention
+backend, SLA top-k, steps, seed) apply at run time and never select or reload a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from . import loading
+from .cache import ModelCache, device_budget_bytes
+from .config import WanConfig
+from .digest import path_digest
+from .errors import ModelMemoryError, RequestError
+from .registry import ModelFiles, ModelSpec, get_model, resolve_files
+from .requests import GenerationRequest
+from .settings import EngineSettings
+
+__all__ = [
+    "WEIGHT_SEED",
+    "EmbeddingStore",
+    "Engine",
+    "GenerationResult",
+    "LoadSpec",
+    "Pipeline",
+    "estimate_bytes",
+    "load",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SEED = 20260101   # seed of random weights (tiny presets, benchmarks); part of their identity
+
+
+class EmbeddingStore(Protocol):
+    """What a pipeline needs of a text-embedding cache (prompts.embedding_cache fits)."""
+    def get(self, encoder_id: str, prompt: str) -> torch.Tensor | None: ...
+    def put(self, encoder_id: str, prompt: str, tensor: torch.Tensor) -> object: ...
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray                      # uint8 [T, H, W, 3]
+    fps: int
+    width: int
+    height: int
+    num_frames: int
+    seed: int
+    timings: dict[str, float]               # text_s, denoise_s, vae_s, total_s
+    peak_vram_gb: float
+    attention_type: str                     # the backend that ran (auto resolved)
+    int8_path: str
+    text_cache_hit: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that selects loaded weights; nothing per-request."""
+    model: ModelSpec
+    files: ModelFiles                       # empty: seeded random weights
+    device: torch.device                    # resolved: cuda:N, never bare "cuda"
+    dtype: torch.dtype
+    int8_kernels: bool = False
+
+    def cache_key(self) -> tuple:
+        stats = tuple((role, loading.file_identity(p) if p.is_file() else str(p)) for role, p in self.files)
+        return (self.model.name, stats, str(self.dtype), self.int8_kernels, str(self.device))
+
+
+class Pipeline(Protocol):
+    """One loaded model of one mode."""
+    load_spec: LoadSpec
+    text_encoder_loads: int
+
+    def prepare(self, expected_rows: int) -> None:
+        """Warm-up decisions that depend on how many rows follow (compiling)."""
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run one request of this pipeline's mode."""
+
+
+def load(spec: LoadSpec, settings: EngineSettings, *, embedding_cache: EmbeddingStore | None = None) -> Pipeline:
+    """Build the pipeline of the spec's mode (no caching: see Engine.pipeline)."""
+    if spec.model.mode == "t2v":
+        from .t2v import WanT2VPipeline
+        return WanT2VPipeline(spec, settings, embedding_cache=embedding_cache)
+    raise RequestError("mode", spec.model.mode, "t2v (i2v and dance presets are not in this version)")
+
+
+def estimate_bytes(config: WanConfig, dits: int = 1) -> int:
+    """Weights of the DiT(s) and VAE in bf16 (the text encoder is offloaded or counted by the caller)."""
+    d, f, n = config.dim, config.ffn_dim, config.num_layers
+    per_block = 8 * d * d + 2 * d * f + 6 * d
+    return int(dits * (n * per_block + 3 * d * d + d * config.text_dim) * 2
+               + 260e6 * (config.vae.dim / 96) ** 2)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """cuda -> cuda:<current>; None -> the current GPU, or the CPU without one."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class Engine:
+    """What a worker owns: its settings, its device, its warm-model cache and its text cache."""
+
+    def __init__(self, settings: EngineSettings, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, embedding_cache: EmbeddingStore | None = None,
+                 random_weights: bool = False):
+        self.settings = settings
+        self.device = resolve_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.embedding_cache = embedding_cache
+        self.random_weights = random_weights     # benchmarks: real-size presets, no files
+        self.cache: ModelCache[Pipeline] = ModelCache(
+            device_budget_bytes(self.device, settings.vram_budget_gb))
+
+    def load_spec(self, model: str, quant_linear: str = "auto") -> LoadSpec:
+        spec = get_model(model)
+        if self.random_weights and not spec.random_init:
+            if not self.settings.allow_random_weights:
+                raise RequestError("random_weights", True,
+                                   "only for benchmarks: set TURBO_ALLOW_RANDOM_WEIGHTS=1 to allow it")
+            files = ModelFiles()
+        else:
+            files = resolve_files(spec, self.settings.checkpoints_dir, quant_linear=quant_linear)
+        return LoadSpec(model=spec, files=files, device=self.device, dtype=self.dtype,
+                        int8_kernels=self.settings.int8_kernels)
+
+    def pipeline(self, spec: LoadSpec) -> Pipeline:
+        """The warm pipeline for this spec, loading it on first use."""
+        nbytes = estimate_bytes(spec.model.config, len(spec.model.dits)) if spec.device.type == "cuda" else 0
+        return self.cache.get(spec.cache_key(),
+                              lambda: load(spec, self.settings, embedding_cache=self.embedding_cache),
+                              nbytes=nbytes, name=spec.model.name)
+
+    def generate(self, spec: LoadSpec, request: GenerationRequest) -> GenerationResult:
+        """Generate on the warm pipeline; CUDA out of memory frees every warm model, then fails the row."""
+        try:
+            return self.pipeline(spec).generate(request)
+        except ModelMemoryError:
+            self.cache.clear()     # the next row starts clean (it reloads what it needs)
+            raise
+
+    def model_identity(self, spec: LoadSpec) -> str:
+        """What the row hash records of the weights: each file's name, size and content digest."""
+        if spec.files.random:
+            return f"{spec.model.name}/random-init-seed-{WEIGHT_SEED}"
+        parts = [spec.model.name]
+        for role, path in spec.files:
+            size = path.stat().st_size if path.is_file() else 0
+            parts.append(f"{role}={path.name}:{size}:sha256:{path_digest(path, self.settings.digest_cache_dir)}")
+        return "|".join(parts)

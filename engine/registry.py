@@ -1,0 +1,174 @@
+"""Which models exist, what they generate, and which checkpoint files they are built from.
+
+A `ModelSpec` is one preset: its mode (t2v, i2v, dance), the DiT shape (`WanConfig`), the roles of
+its DiTs in sampling order (one for Wan2.1; A14B's high- and low-noise experts are two), and the
+files per role, as TurboDiffusion publishes them. Extra encoders (CLIP, DWPose) are more roles.
+
+    role            built into                       Wan2.1 t2v file
+    dit             WanDiT                           TurboWan2.1-T2V-1.3B-480P.pth (or -quant.pth)
+    vae             WanVAE                           Wan2.1_VAE.pth
+    text_encoder    UMT5Encoder                      models_t5_umt5-xxl-enc-bf16.pth
+    tokenizer       the umT5 tokenizer (a folder)    google/umt5-xxl/
+
+`resolve_files()` finds each role's file under the checkpoints folder (explicit paths win) and
+names every missing one in a single `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TINY_SIZES, UMT5Config, VAEConfig, WanConfig
+from .errors import CheckpointError, RequestError
+
+__all__ = ["MODELS", "CheckpointFile", "ModelFiles", "ModelSpec", "get_model", "model_names",
+           "resolve_files"]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    role: str                 # what the engine builds from it (see the table above)
+    name: str                 # file (or folder) name inside the checkpoints folder
+    quant_name: str = ""      # the int8 alternative TurboDiffusion ships (`-quant`)
+    folder: bool = False      # a directory (the tokenizer), not a file
+    optional: bool = False    # built without it when absent (the tiny presets' tokenizer)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    mode: str                                 # t2v | i2v | dance
+    config: WanConfig                         # the DiT shape, shared by all of its DiTs
+    files: tuple[CheckpointFile, ...]
+    dits: tuple[str, ...] = ("dit",)          # DiT roles in sampling order
+
+    @property
+    def random_init(self) -> bool:
+        return self.config.random_init
+
+    def file(self, role: str) -> CheckpointFile:
+        for f in self.files:
+            if f.role == role:
+                return f
+        raise KeyError(f"{self.name} has no {role} checkpoint")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Resolved paths per role; an empty mapping means seeded random weights for every part."""
+    paths: Mapping[str, Path] = field(default_factory=dict)
+
+    def get(self, role: str) -> Path | None:
+        return self.paths.get(role)
+
+    def __iter__(self) -> Iterator[tuple[str, Path]]:
+        return iter(sorted(self.paths.items()))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelFiles) and tuple(self) == tuple(other)
+
+    @property
+    def random(self) -> bool:
+        return not self.paths
+
+
+_TURBO = "TurboWan2.1-T2V-{}"
+_WAN21_COMMON = (
+    CheckpointFile("vae", "Wan2.1_VAE.pth"),
+    CheckpointFile("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth"),
+    CheckpointFile("tokenizer", "google/umt5-xxl", folder=True),
+)
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec(
+        name="wan2.1-t2v-1.3b", mode="t2v",
+        config=WanConfig(name="wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12,
+                         num_layers=30, param_billions=1.3),
+        files=(CheckpointFile("dit", _TURBO.format("1.3B-480P.pth"),
+                              quant_name=_TURBO.format("1.3B-480P-quant.pth")), *_WAN21_COMMON)),
+    ModelSpec(
+        name="wan2.1-t2v-14b", mode="t2v",
+        config=WanConfig(name="wan2.1-t2v-14b", dim=5120, ffn_dim=13824, num_heads=40,
+                         num_layers=40, default_resolution="720p", param_billions=14.0),
+        files=(CheckpointFile("dit", _TURBO.format("14B-720P.pth"),
+                              quant_name=_TURBO.format("14B-720P-quant.pth")), *_WAN21_COMMON)),
+    # Same classes, tiny dimensions: output is noise. Seeded random weights, or tiny files of
+    # these names when the checkpoints folder holds them (tests save them in the real formats).
+    ModelSpec(
+        name="tiny-t2v", mode="t2v",
+        config=WanConfig(name="tiny-t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2,
+                         text_dim=32, text_len=32, freq_dim=32,
+                         umt5=UMT5Config(vocab_size=512, dim=32, dim_attn=32, dim_ffn=64,
+                                         num_heads=2, num_layers=2, num_buckets=8, text_len=32),
+                         vae=VAEConfig(dim=8), sizes=TINY_SIZES, random_init=True,
+                         param_billions=0.001),
+        files=(CheckpointFile("dit", "TurboWan-tiny-t2v.pth", quant_name="TurboWan-tiny-t2v-quant.pth"),
+               CheckpointFile("vae", "tiny-vae.pth"),
+               CheckpointFile("text_encoder", "tiny-umt5.pth"),
+               CheckpointFile("tokenizer", "tiny-tokenizer", folder=True, optional=True))),
+)}
+
+
+def model_names() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise RequestError("model", name, "one of " + ", ".join(model_names())) from None
+
+
+def resolve_files(
+    spec: ModelSpec,
+    checkpoints_dir: str | os.PathLike[str] | None,
+    *,
+    quant_linear: str = "auto",
+    overrides: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> ModelFiles:
+    """Each role's file under the checkpoints folder by TurboDiffusion's names; `overrides` win.
+
+    quant_linear: "true" wants the -quant DiT, "false" the bf16 one, "auto" the bf16 one when
+    present, else the -quant one. A tiny preset with no files in the folder (or no folder) gets
+    seeded random weights. Missing files raise CheckpointError naming every missing path.
+    """
+    overrides = dict(overrides or {})
+    root = Path(checkpoints_dir) if checkpoints_dir else None
+    if spec.random_init and not overrides and (
+            root is None or not (root / spec.file(spec.dits[0]).name).is_file()):
+        return ModelFiles()
+    root = root or Path("checkpoints")
+    paths: dict[str, Path] = {}
+    missing: list[str] = []
+    for f in spec.files:
+        if f.role in overrides:
+            path = Path(overrides[f.role])
+        elif f.role in spec.dits:
+            path = _pick_dit(root, f, quant_linear)
+        else:
+            path = root / f.name
+        present = path.is_dir() if f.folder else path.is_file()
+        if present:
+            paths[f.role] = path
+        elif not f.optional:
+            missing.append(f"{path}/ ({f.role} folder)" if f.folder else str(path))
+    if missing:
+        raise CheckpointError(root, f"missing checkpoint files for {spec.name}: " + ", ".join(missing)
+                              + " (see README, section Checkpoints)")
+    return ModelFiles(paths)
+
+
+def _pick_dit(root: Path, f: CheckpointFile, quant_linear: str) -> Path:
+    plain, quant = root / f.name, root / f.quant_name if f.quant_name else None
+    if quant_linear == "true" and quant is not None:
+        return quant
+    if quant_linear == "false" or plain.is_file() or quant is None:
+        return plain
+    return quant if quant.is_file() else plain
