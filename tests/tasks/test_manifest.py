@@ -13,7 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engine.config import GenerationRequest, WanConfig
+from engine.config import WanConfig
+from engine.requests import GenerationRequest, T2VRequest
 from tasks.inputs import InputError, check_audio, check_image, check_video
 from tasks.manifest import (
     ManifestFileError,
@@ -331,10 +332,16 @@ def _watermark_row(tmp_path: Path, value: str) -> Path:
 
 def test_https_only_when_allowed(tmp_path: Path) -> None:
     path = _watermark_row(tmp_path, "https://cdn.example.com/logo.png")
-    [error] = read_manifest(path).errors
-    assert "allow_https" in error.reason
-    [row] = read_manifest(path, allow_https=True).rows
-    assert row.watermark == "https://cdn.example.com/logo.png"
+    [error] = read_manifest(path, env={}).errors
+    assert "cdn.example.com" in error.reason and "TURBO_FETCH_ALLOW" in error.reason
+    [error] = read_manifest(path, fetch_allow=["example.com", "*.other.com"]).errors
+    assert "cdn.example.com" in error.reason
+    for allowed in (read_manifest(path, allow_https=True),              # any host (older callers)
+                    read_manifest(path, fetch_allow=["CDN.example.com"]),
+                    read_manifest(path, fetch_allow=["*.example.com"]),
+                    read_manifest(path, env={"TURBO_FETCH_ALLOW": "x.org, *.example.com"})):
+        [row] = allowed.rows
+        assert row.watermark == "https://cdn.example.com/logo.png"
 
 
 @pytest.mark.parametrize("uri, ok", [("s3://bucket/music/a.wav", True), ("s3://bucket", False),
@@ -363,11 +370,16 @@ def test_symlink_out_of_root_is_refused(tmp_path: Path) -> None:
     assert row.watermark == str((outside / "logo.png").resolve())
 
 
-def test_check_inputs_off_skips_file_checks(tmp_path: Path) -> None:
-    path = _watermark_row(tmp_path, "not-here.png")
-    assert len(read_manifest(path).errors) == 1
-    [row] = read_manifest(path, check_inputs=False).rows
-    assert row.watermark == str(tmp_path / "not-here.png")
+def test_check_inputs_off_checks_existence_but_does_not_decode(tmp_path: Path) -> None:
+    """The batch reads with check_inputs=False: the fetch stage decodes each input once."""
+    missing = _watermark_row(tmp_path, "not-here.png")
+    [error] = read_manifest(missing, check_inputs=False).errors
+    assert error.column == "watermark" and "file not found" in error.reason
+    shutil.copy(EXAMPLES / "not_an_image.png", tmp_path / "wm.png")
+    undecodable = _watermark_row(tmp_path, "wm.png")
+    assert len(read_manifest(undecodable).errors) == 1
+    [row] = read_manifest(undecodable, check_inputs=False).rows
+    assert row.watermark == str(tmp_path / "wm.png")
     # the root rule still holds without file checks
     assert len(read_manifest(_watermark_row(tmp_path, "/etc/x.png"), check_inputs=False).errors) == 1
 
@@ -498,7 +510,7 @@ def test_read_manifest_from_s3(s3_server: str, tmp_path: Path) -> None:
 def test_manifest_row_direct_construction_defaults_output_name() -> None:
     row = ManifestRow(row=1, id="x", mode="t2v", prompt="p")
     assert row.output_name == "x"
-    assert row.request() == GenerationRequest(prompt="p")
+    assert row.request() == T2VRequest(prompt="p")
 
 
 def test_dance_inputs_are_probed(tmp_path: Path, media: dict[str, Path]) -> None:
