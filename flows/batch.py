@@ -2,7 +2,7 @@
 
 `launch="local"` runs each shard as a subflow in this process (the CLI's `turbo-batch run`);
 `launch="deployments"` starts each shard as a flow run of the `gpu-shard` deployment on the GPU
-pool and waits for all of them, resubmitting shards that crash (see tasks/fanout.py).
+pool and waits for all of them, resubmitting shards that crash (see flows/fanout.py).
 """
 
 from __future__ import annotations
@@ -12,17 +12,21 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import fanout
-from tasks.identity import model_identity, output_key, row_hash
+from flows import fanout
 from tasks.manifest import Manifest, read_manifest
-from tasks.metrics import metrics_frame, publish_artifacts, summary, summary_markdown, write_metrics
+from tasks.metrics import MetricsRow, metrics_frame, publish_artifacts, summary, summary_markdown, write_metrics
 from tasks.planning import plan_shards
 from tasks.upload import sink_from_uri
 
 
 @task(name="read-manifest", cache_policy=NO_CACHE)
 def load_manifest(manifest: str, run_params: dict[str, Any], strict: bool,
-                  allow_https: bool) -> Manifest:
+                  allow_https: bool, validated: str | None = None) -> Manifest:
+    """Read and validate the manifest, or take the caller's validated copy (the CLI's) unread.
+
+    Local inputs are decoded here, once; remote ones by the fetch stage on the GPU host."""
+    if validated is not None:
+        return Manifest.load(validated)
     return read_manifest(manifest, run_params=run_params, strict=strict, allow_https=allow_https)
 
 
@@ -40,16 +44,17 @@ def batch_flow(
     max_shard_attempts: int = 3,
     checkpoints_dir: str | None = None,
     random_weights: bool = False,
+    validated: str | None = None,
 ) -> dict[str, Any]:
+    """`validated`: a file written by `Manifest.save` (the CLI validates before it starts a server);
+    the manifest is then not read a second time."""
     log = get_run_logger()
-    m = load_manifest(manifest, run_params or {}, strict, allow_https)
+    m = load_manifest(manifest, run_params or {}, strict, allow_https, validated)
     for w in m.warnings:
         log.warning("%s", w)
     for e in m.errors:
         log.error("invalid %s", e)
 
-    keys = {r.id: output_key(r, row_hash(r, model_identity(r.model, checkpoints_dir)))
-            for r in m.rows}
     if gpus is not None:
         n_gpus = gpus
     elif launch == "deployments":   # one online worker per GPU on the shard deployment's pool
@@ -58,22 +63,22 @@ def batch_flow(
         n_gpus = fanout.local_gpu_count()
     shards = plan_shards(m.rows, gpus=max(n_gpus, 1), max_rows=max_rows_per_shard)
     log.info("%d valid rows, %d invalid, %d shards", len(m.rows), len(m.errors), len(shards))
-    specs = [fanout.ShardSpec(index=s.index, rows=s.rows, keys=[keys[r.id] for r in s.rows])
-             for s in shards]
+    specs = [fanout.ShardSpec(index=s.index, rows=s.rows) for s in shards]
     common = {"sink": sink, "checkpoints_dir": checkpoints_dir, "random_weights": random_weights}
     if launch == "local":
-        from flows.shard import gpu_shard   # here, not at import: a CPU-pool batch needs no torch
-        results = fanout.run_local(gpu_shard, specs, common, n_gpus)
+        from flows.shard import gpu_shard, new_engine  # here: a CPU-pool batch needs no torch
+        results = fanout.run_local(gpu_shard, specs, common, n_gpus,
+                                   engine=new_engine(checkpoints_dir, random_weights) if n_gpus <= 1 else None)
     elif launch == "deployments":
         results = fanout.run_deployments(shard_deployment, specs, common,
                                          max_attempts=max_shard_attempts)
     else:
         raise ValueError(f"launch={launch!r}: expected 'local' or 'deployments'")
 
-    invalid = [{"id": e.id, "row": e.row, "status": "invalid", "error": str(e), "attempts": 0}
-               for e in m.errors]
+    invalid = [MetricsRow.invalid(e).as_dict() for e in m.errors]
     df = metrics_frame(invalid + results)
     uris = write_metrics(df, sink_from_uri(sink))
     publish_artifacts(df)
     print(summary_markdown(df))
-    return {**summary(df), "metrics": uris}
+    problems = [f"row {r['row']} ({r['id']}): {r['error']}" for r in results if r["status"] in ("failed", "invalid")]
+    return {**summary(df), "metrics": uris, "problems": problems}

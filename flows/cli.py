@@ -2,7 +2,11 @@
 
 Exit codes of `run` and `validate`: 0 every valid row succeeded (or, for validate, every row is
 valid); 1 some row failed or was invalid (good rows' outputs are still written); 2 the manifest
-cannot be read.
+cannot be read (or, for run, the local Prefect API server did not start).
+
+`run` starts its own Prefect API server as a child process that dies with it (see
+flows/local_server.py) unless PREFECT_API_URL names one; `--gpus N` runs the shards on N worker
+processes, one per GPU (flows/local_worker.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     _manifest_options(v)
     v.set_defaults(func=cmd_validate)
 
-    r = sub.add_parser("run", help="run a manifest end to end in this process")
+    r = sub.add_parser("run", help="run a manifest end to end on this machine")
     _manifest_options(r)
     dest = r.add_mutually_exclusive_group()
     dest.add_argument("--out", help="local output folder (default ./out)")
@@ -42,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "R2_SECRET_ACCESS_KEY)")
     r.add_argument("--checkpoints", help="checkpoints folder (default $CHECKPOINTS_DIR or ./checkpoints)")
     r.add_argument("--max-rows-per-shard", type=int, default=25)
+    r.add_argument("--gpus", type=_positive_int, metavar="N",
+                   help="GPU worker processes, one per GPU, pinned with CUDA_VISIBLE_DEVICES "
+                        "(default: 1, or the visible GPU count when several)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 
@@ -57,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def configure_local_prefect() -> None:
-    """Settings for a self-contained local run on Prefect's ephemeral API (set before it starts).
+    """Settings for a self-contained local run on the CLI's own Prefect API server (set before
+    it starts; the server and the GPU worker processes inherit them).
 
     Quiet logs; no telemetry writes racing SQLite; the task-run recorder writes in batches of
     200 instead of one by one, which takes the ephemeral server from ~40 % of one core to a
@@ -88,6 +96,7 @@ def _run_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read(args: argparse.Namespace):
+    """Read and validate once (local inputs decoded); `run` hands this copy to the batch."""
     from tasks.manifest import ManifestFileError, ManifestRowsError, read_manifest
     try:
         return read_manifest(args.manifest, run_params=_run_params(args), strict=args.strict,
@@ -120,21 +129,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"invalid {err}", file=sys.stderr)
     sink = args.sink or str(Path(args.out or "out").resolve())
     configure_local_prefect()
+    from flows.local_server import LocalServerError, local_api_server
+
+    # Our own API server (unless PREFECT_API_URL names one): a child the kernel kills with us,
+    # where Prefect's ephemeral one outlives a killed CLI. Started before any Prefect client.
+    try:
+        with local_api_server():
+            result = _run_batch(args, m, sink)
+    except LocalServerError as e:
+        print(f"turbo-batch: {e}\nhint: set PREFECT_API_URL to use a running Prefect server",
+              file=sys.stderr)
+        return 2
+    for line in result.get("problems", []):      # rows that failed or were refused while running
+        print(f"{'invalid' if ': fetch: ' in line else 'failed'} {line}", file=sys.stderr)
+    print(f"metrics: {result['metrics']['parquet']}")
+    return 0 if result["failed"] == 0 and result["invalid"] == 0 else 1
+
+
+def _run_batch(args: argparse.Namespace, m: Any, sink: str) -> dict[str, Any]:
+    import tempfile
+
     from flows import progress
     from flows.batch import batch_flow
 
     bar = _ProgressBar(len(m.rows), enabled=not args.no_progress and sys.stderr.isatty())
     unsubscribe = progress.subscribe(bar.advance)
     try:
-        result = batch_flow(manifest=str(args.manifest), sink=sink, run_params=_run_params(args),
-                            strict=args.strict, allow_https=args.allow_https,
-                            checkpoints_dir=args.checkpoints,
-                            max_rows_per_shard=args.max_rows_per_shard)
+        with tempfile.TemporaryDirectory(prefix="turbo-run-") as work:
+            # The manifest was read and validated once, above; the batch takes that copy.
+            validated = m.save(Path(work) / "manifest.json")
+            return batch_flow(manifest=str(args.manifest), sink=sink, run_params=_run_params(args),
+                              strict=args.strict, allow_https=args.allow_https,
+                              checkpoints_dir=args.checkpoints, validated=str(validated),
+                              max_rows_per_shard=args.max_rows_per_shard, gpus=args.gpus)
     finally:
         unsubscribe()
         bar.close()
-    print(f"metrics: {result['metrics']['parquet']}")
-    return 0 if result["failed"] == 0 and result["invalid"] == 0 else 1
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Fan shards out and collect their metrics rows.
 
-Local: each shard is a subflow in this process; with several GPUs, one thread per GPU pulls
-shards from a queue (CUDA's current device is per thread, and the model cache keys by device).
+Local: each shard is a subflow in this process; with several GPUs, one worker process per GPU
+(flows/local_worker.py, pinned with CUDA_VISIBLE_DEVICES, one warm model each) takes shards from
+a queue folder and runs them as flow runs on this process's Prefect API.
 
 Deployments: each shard is a flow run of the gpu-shard deployment, created with
 `run_deployment(timeout=0, idempotency_key=…)`, a few at a time (SQLite answered 503 past about 16
@@ -16,7 +17,6 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -31,15 +31,15 @@ CREATE_CONCURRENCY = 4
 class ShardSpec:
     index: int
     rows: list            # ManifestRow
-    keys: list[str]
 
     def parameters(self, common: dict[str, Any], attempt: int) -> dict[str, Any]:
-        return {"rows": [dataclasses.asdict(r) for r in self.rows], "keys": self.keys,
+        return {"rows": [dataclasses.asdict(r) for r in self.rows],
                 "shard": self.index, "attempt": attempt, **common}
 
     def failed_rows(self, error: str, attempts: int) -> list[dict]:
-        return [{"id": r.id, "row": r.row, "mode": r.mode, "model": r.model, "seed": r.seed,
-                 "status": "failed", "error": error, "attempts": attempts} for r in self.rows]
+        """Every row of a shard that never returned (crashed, refused, its worker died)."""
+        from tasks.metrics import MetricsRow
+        return [MetricsRow.start(r, attempts).failed("shard", error).as_dict() for r in self.rows]
 
 
 def local_gpu_count() -> int:
@@ -58,6 +58,8 @@ def pool_worker_count(deployment: str) -> int:
 
         async with get_client() as client:
             dep = await client.read_deployment_by_name(deployment)
+            if dep.work_pool_name is None:
+                return 0
             workers = await client.read_workers_for_work_pool(
                 dep.work_pool_name, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
             return len(workers)
@@ -69,40 +71,42 @@ def pool_worker_count(deployment: str) -> int:
 
 
 def run_local(shard_flow: Callable[..., list[dict]], specs: list[ShardSpec], common: dict,
-              n_gpus: int) -> list[dict]:
-    results: list[dict] = []
+              n_gpus: int, *, engine: Any = None) -> list[dict]:
+    """Run the shards on this machine.
+
+    n_gpus <= 1: one after the other as subflows in this process (`engine`, if given, is the
+    warm engine passed to each). More: on one worker process per GPU (flows/local_worker.py),
+    each pinned with CUDA_VISIBLE_DEVICES, keeping its own warm models for all the shards it
+    runs, and reporting to this process's Prefect API.
+    """
     if n_gpus <= 1:
+        extra = {} if engine is None else {"engine": engine}
+        results: list[dict] = []
         for spec in specs:
-            results += _run_one_local(shard_flow, spec, common)
+            results += _run_one_local(shard_flow, spec, common, **extra)
         return results
-    todo: queue.Queue[ShardSpec] = queue.Queue()
-    for spec in specs:
-        todo.put(spec)
-    lock = threading.Lock()
-
-    def worker(gpu: int) -> None:
-        import torch
-        torch.cuda.set_device(gpu)
-        while True:
-            try:
-                spec = todo.get_nowait()
-            except queue.Empty:
-                return
-            rows = _run_one_local(shard_flow, spec, common)
-            with lock:
-                results.extend(rows)
-
-    threads = [threading.Thread(target=worker, args=(g,), name=f"gpu-{g}") for g in range(n_gpus)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    from flows import local_worker
+    return local_worker.run_workers(specs, common, n_gpus,
+                                    entrypoint=local_worker.entrypoint_of(shard_flow),
+                                    api_url=current_api_url())
 
 
-def _run_one_local(shard_flow: Callable[..., list[dict]], spec: ShardSpec, common: dict) -> list[dict]:
+def current_api_url() -> str:
+    """The Prefect API this process reports to, for child processes to use the same one
+    (with Prefect's ephemeral API, the URL of the server it started)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return str(PREFECT_API_URL.value())
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")
+
+
+def _run_one_local(shard_flow: Callable[..., list[dict]], spec: ShardSpec, common: dict,
+                   **extra: Any) -> list[dict]:
     try:
-        return shard_flow(**spec.parameters(common, attempt=1))
+        return shard_flow(**spec.parameters(common, attempt=1), **extra)
     except Exception as e:  # a shard-level failure (sink down, …) fails its rows, not the batch
         log.error("shard %d failed: %s", spec.index, e)
         return spec.failed_rows(f"shard {spec.index} failed: {e}", 1)
@@ -205,8 +209,13 @@ async def _rows_finished(client: Any, flow_run_id: Any) -> int:
 
     Rows the shard skips (already in the sink) run no task and are counted when the shard ends.
     """
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
-                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     try:

@@ -51,16 +51,6 @@ class EmbeddingCache:
             path.unlink(missing_ok=True)
             return None
 
-    def contains(self, encoder_id: str, prompt: str, *, text_len: int | None = None) -> bool:
-        """True when get() would hit (reads the header only)."""
-        path = self.path_for(encoder_id, prompt, text_len=text_len)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() == _metadata(encoder_id, prompt, text_len)
-                        and TENSOR_NAME in f.keys())
-        except (SafetensorError, OSError, ValueError):
-            return False
-
     def put(self, encoder_id: str, prompt: str, tensor: torch.Tensor, *,
             text_len: int | None = None) -> Path:
         """Store the embedding (copied to CPU) atomically; returns the file path."""

@@ -1,8 +1,9 @@
-"""Generate stage: one manifest row → frames.npy in the row's work folder, through the warm engine."""
+"""Generate stage: one manifest row → frames.npy in the row's work folder, on the worker's Engine."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from engine.pipeline import get_pipeline
+from engine.family import Engine, LoadSpec
 from tasks.manifest import ManifestRow
+
+__all__ = ["GenerateOutput", "generate", "gpu_label", "run_generate"]
 
 
 @dataclass
@@ -35,26 +38,15 @@ def gpu_label() -> str:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", str(idx)).split(",")
         return f"cuda:{visible[idx] if idx < len(visible) else idx} {torch.cuda.get_device_name(idx)}"
     # A worker pinned with CUDA_VISIBLE_DEVICES but running on CPU (tests, tiny preset) says which.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return f"cpu (CUDA_VISIBLE_DEVICES={visible})" if visible else "cpu"
+    pin = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"cpu (CUDA_VISIBLE_DEVICES={pin})" if pin else "cpu"
 
 
-def embedding_cache_from_env():
-    """The on-disk text-embedding cache (TURBO_EMBED_CACHE, default ~/.cache/turbo-batch/text)."""
-    from prompts.embedding_cache import EmbeddingCache
-    root = os.environ.get("TURBO_EMBED_CACHE") or Path.home() / ".cache" / "turbo-batch" / "text"
-    return EmbeddingCache(Path(root))
-
-
-def run_generate(row: ManifestRow, work_dir: Path, *, checkpoints_dir: str | None = None,
-                 random_weights: bool = False, expected_rows: int = 1) -> GenerateOutput:
+def run_generate(row: ManifestRow, work_dir: Path, engine: Engine, spec: LoadSpec, *,
+                 inputs: Mapping[str, Path] | None = None, expected_rows: int = 1) -> GenerateOutput:
     """expected_rows: rows this worker will run on this model from here on (compile decision)."""
-    req = row.request()
-    pipe = get_pipeline(row.model, checkpoints_dir=checkpoints_dir, attention_type=req.attention_type,
-                        sla_topk=req.sla_topk, quant_linear=req.quant_linear,
-                        embedding_cache=embedding_cache_from_env(), random_weights=random_weights)
-    pipe.prepare(expected_rows)
-    result = pipe.generate(req)
+    engine.pipeline(spec).prepare(expected_rows)
+    result = engine.generate(spec, row.request(inputs))
     work_dir.mkdir(parents=True, exist_ok=True)
     frames_path = work_dir / "frames.npy"
     np.save(frames_path, result.frames)
@@ -66,5 +58,5 @@ def run_generate(row: ManifestRow, work_dir: Path, *, checkpoints_dir: str | Non
 
 
 # No retries: a bad request or CUDA OOM does not get better by repeating it on the same GPU.
-generate = task(run_generate, name="generate", task_run_name="generate-{row.id}",
-                cache_policy=NO_CACHE)
+generate = task(name="generate", task_run_name="generate-{row.id}",
+                cache_policy=NO_CACHE)(run_generate)

@@ -4,20 +4,26 @@
                                          generation fields, inputs, post-process fields})
     output_key = "<output_name>-<row_hash[:12]>"      (the flow appends .mp4 / .jpg / .webp)
 
-The id, the row number and the output name are left out on purpose: renaming or reordering rows
-must not regenerate anything. Local input files enter the hash by content, so the same manifest
-hashes the same on every machine.
+It is computed on the host that generates, after the inputs are fetched: the model identity is
+the engine's (`Engine.model_identity`: every resolved checkpoint file by name, size and content
+digest), and every input file (image, driving video, audio, watermark image) enters by the
+digest of the bytes fetched. Same files, same row: skipped; a replaced checkpoint or input:
+regenerated. The id, the row number and the output name are left out on purpose: renaming or
+reordering rows must not regenerate anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config import WanConfig
+from engine.family import Engine, LoadSpec
 from tasks.manifest import GENERATION_COLUMNS, INPUT_COLUMNS, ManifestRow
+
+__all__ = ["RECIPE_VERSION", "output_key", "row_hash", "row_key"]
 
 # Bump when the generation or post-processing recipe changes in a way that changes the output
 # for the same fields (new encoder settings, a different upscaler …): every key changes with it.
@@ -25,36 +31,20 @@ RECIPE_VERSION = 1
 _READ_CHUNK = 1 << 20
 
 
-def model_identity(model: str, checkpoints_dir: Path | None) -> str:
-    """A string that changes when the weights a row would run with change.
+def row_hash(row: ManifestRow, model_id: str, input_digests: Mapping[str, str] | None = None) -> str:
+    """sha256 hex of everything that determines the row's outputs.
 
-    Random-init presets: their name and the engine's weight seed. Real presets: the checkpoint file
-    names with size and mtime_ns (stat only, no read); files that are missing contribute their
-    names only (the generate stage reports them).
-    """
-    config = WanConfig.from_name(model)
-    if config.random_init:
-        from engine.pipeline import WEIGHT_SEED  # the pipeline module pulls in every model class
-        return f"{config.name}/random-init-seed-{WEIGHT_SEED}"
-    names = [n for n in (config.files.dit, config.files.dit_quant, config.files.vae,
-                         config.files.text_encoder) if n]
-    parts = [config.name]
-    for name in names:
-        path = Path(checkpoints_dir, name) if checkpoints_dir is not None else None
-        if path is not None and path.is_file():
-            stat = path.stat()
-            parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
-        else:
-            parts.append(name)
-    return "|".join(parts)
+    input_digests: "sha256:<hex>" per fetched column (the fetch stage's); a column missing there
+    enters by the content of the local file it names, or as written."""
+    digests = dict(input_digests or {})
 
+    def reference(column: str, value: str | None) -> str | None:
+        return digests.get(column) or _reference_identity(value)
 
-def row_hash(row: ManifestRow, model_id: str) -> str:
-    """sha256 hex of everything that determines the row's outputs."""
     post = row.postprocess_fields()
-    post["audio"] = _reference_identity(row.audio)
+    post["audio"] = reference("audio", row.audio)
     if row.watermark_is_image:
-        post["watermark"] = _reference_identity(row.watermark)
+        post["watermark"] = reference("watermark", row.watermark)
     payload: dict[str, Any] = {
         "recipe_version": RECIPE_VERSION,
         "model": model_id,
@@ -63,7 +53,7 @@ def row_hash(row: ManifestRow, model_id: str) -> str:
         # every request field after defaults; the sampler is not a column but still changes the video
         "generation": {**{c: getattr(row, c) for c in GENERATION_COLUMNS},
                        "sampler": row.request().sampler},
-        "inputs": {c: _reference_identity(getattr(row, c)) for c in INPUT_COLUMNS},
+        "inputs": {c: reference(c, getattr(row, c)) for c in INPUT_COLUMNS},
         "postprocess": post,
     }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -73,6 +63,12 @@ def row_hash(row: ManifestRow, model_id: str) -> str:
 
 def output_key(row: ManifestRow, hash: str) -> str:
     return f"{row.output_name}-{hash[:12]}"
+
+
+def row_key(row: ManifestRow, engine: Engine, spec: LoadSpec,
+            input_digests: Mapping[str, str] | None = None) -> str:
+    """The one identity: the row's output key from its fields, its inputs and the resolved weights."""
+    return output_key(row, row_hash(row, engine.model_identity(spec), input_digests))
 
 
 def _reference_identity(reference: str | None) -> str | None:

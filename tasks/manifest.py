@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +26,20 @@ from typing import Any
 
 import polars as pl
 
-from engine.config import PRESETS, GenerationRequest, WanConfig
+from engine.config import WanConfig
 from engine.errors import RequestError
-from tasks.inputs import InputError, check_audio, check_image, check_video
+from engine.registry import MODELS, model_names
+from engine.requests import REQUEST_TYPES, GenerationRequest
+from tasks.errors import InputError
+from tasks.inputs import check_audio, check_image, check_video, host_allowed, parse_host_list
+from tasks.manifest_errors import ManifestFileError, ManifestRowsError
 
 MODES = ("t2v", "i2v", "dance")
 DEFAULT_MODELS = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.2-i2v-a14b", "dance": "steadydancer-14b"}
-# What each known model generates; a row whose mode differs is refused.
-MODEL_MODES = {"wan2.1-t2v-1.3b": "t2v", "wan2.1-t2v-14b": "t2v", "tiny-t2v": "t2v",
-               "wan2.2-i2v-a14b": "i2v", "steadydancer-14b": "dance"}
+# What each known model generates (the registry's, plus the presets still to come); a row whose
+# mode differs is refused.
+MODEL_MODES = {"wan2.2-i2v-a14b": "i2v", "steadydancer-14b": "dance",
+               **{name: spec.mode for name, spec in MODELS.items()}}
 
 IDENTITY_COLUMNS = ("id", "mode", "prompt", "model")
 INPUT_COLUMNS = ("image", "driving_video")
@@ -51,7 +58,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAFE_NAME_RULE = ("letters, digits, '.', '_' and '-' only, starting with a letter or digit, "
                   "at most 128 characters, no '..'")
 DEFAULT_FPS = 16
-_REQUEST_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+_REQUEST_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
 MAX_FPS, MAX_INTERPOLATE_FPS, MAX_UPSCALE = 60, 120, 4.0
 MAX_SAMPLES = 1000
 MAX_WATERMARK_TEXT = 200
@@ -60,14 +67,6 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
 # ── errors ───────────────────────────────────────────────────────────────────────────────────────
-
-class ManifestFileError(Exception):
-    """The manifest as a whole cannot be used (the CLI exits 2)."""
-
-    def __init__(self, source: str | Path, reason: str):
-        self.source, self.reason = str(source), " ".join(str(reason).split())
-        super().__init__(f"manifest {self.source}: {self.reason}")
-
 
 @dataclass(frozen=True)
 class RowError:
@@ -81,17 +80,6 @@ class RowError:
         who = f'id "{self.id}"' if self.id else "no id"
         value = "(empty)" if self.value is None else f'"{self.value}"'
         return f"row {self.row} ({who}), column {self.column} = {value}: {self.reason}"
-
-
-class ManifestRowsError(Exception):
-    """strict=True and some rows are bad."""
-
-    def __init__(self, errors: Sequence[RowError]):
-        self.errors = list(errors)
-        lines = [str(e) for e in self.errors[:20]]
-        more = len(self.errors) - len(lines)
-        super().__init__(f"{len(self.errors)} bad manifest cell(s):\n" + "\n".join(lines)
-                         + (f"\n… and {more} more" if more > 0 else ""))
 
 
 # ── rows ─────────────────────────────────────────────────────────────────────────────────────────
@@ -133,8 +121,13 @@ class ManifestRow:
         if not self.output_name:
             object.__setattr__(self, "output_name", self.id)
 
-    def request(self) -> GenerationRequest:
-        return GenerationRequest(prompt=self.prompt, **{c: getattr(self, c) for c in GENERATION_COLUMNS})
+    def request(self, inputs: Mapping[str, Path] | None = None) -> GenerationRequest:
+        """The engine request of this row's mode; `inputs` are the fetched local files by column."""
+        fields: dict[str, Any] = {c: getattr(self, c) for c in GENERATION_COLUMNS}
+        files = inputs or {}
+        if self.mode in ("i2v", "dance") and "image" in files:
+            fields["image"] = str(files["image"])
+        return REQUEST_TYPES[self.mode](prompt=self.prompt, **fields)
 
     def postprocess_fields(self) -> dict[str, Any]:
         return {c: getattr(self, c) for c in POSTPROCESS_COLUMNS}
@@ -151,6 +144,24 @@ class Manifest:
     warnings: list[str]
     source: str
 
+    def save(self, path: Path) -> Path:
+        """The validated manifest as JSON, so a later stage takes it by reference, unread."""
+        data = {"source": self.source, "warnings": self.warnings,
+                "rows": [dataclasses.asdict(r) for r in self.rows],
+                "errors": [dataclasses.asdict(e) for e in self.errors]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        data = json.loads(Path(path).read_text())
+        return cls(rows=[ManifestRow(**r) for r in data["rows"]],
+                   errors=[RowError(**e) for e in data["errors"]],
+                   warnings=list(data["warnings"]), source=data["source"])
+
 
 # ── entry point ──────────────────────────────────────────────────────────────────────────────────
 
@@ -160,12 +171,19 @@ def read_manifest(
     run_params: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     allow_https: bool = False,
+    fetch_allow: Sequence[str] | None = None,
     allowed_roots: Sequence[Path] | None = None,
     check_inputs: bool = True,
     strict: bool = False,
 ) -> Manifest:
-    """Read and validate a manifest; see the module docstring."""
+    """Read and validate a manifest; see the module docstring.
+
+    An https:// reference is accepted when its host is on `fetch_allow` (host names, exact or
+    `*.example.com`; None: the `TURBO_FETCH_ALLOW` variable of `env`). `allow_https=True` accepts
+    any host (kept for older callers; the fetch stage still applies its own allowlist)."""
     env = os.environ if env is None else env
+    allow_hosts = (parse_host_list(env.get("TURBO_FETCH_ALLOW")) if fetch_allow is None
+                   else tuple(h.strip().lower() for h in fetch_allow if h.strip()))
     source_text = str(source)
     remote = source_text.startswith("s3://")
     base_dir = Path.cwd() if remote else Path(source_text).resolve().parent
@@ -176,7 +194,8 @@ def read_manifest(
     warnings = [f"unknown column(s) ignored: {', '.join(unknown)}"] if unknown else []
 
     context = _RowContext(run_params=_clean_run_params(run_params), env=env, base_dir=base_dir,
-                          roots=roots, allow_https=allow_https, check_inputs=check_inputs)
+                          roots=roots, allow_https=allow_https, fetch_allow=allow_hosts,
+                          check_inputs=check_inputs)
     rows: list[ManifestRow] = []
     errors: list[RowError] = []
     first_row_of_id: dict[str, int] = {}
@@ -280,6 +299,7 @@ class _RowContext:
     base_dir: Path
     roots: list[Path]
     allow_https: bool
+    fetch_allow: tuple[str, ...]
     check_inputs: bool
 
 
@@ -335,9 +355,9 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     model = value_of("model") or (DEFAULT_MODELS[mode] if mode else None)
     config: WanConfig | None = None
     if model is not None:
-        if model not in PRESETS:
+        if model not in MODELS:
             fail("model", model, f"model {model} is not available in this version; "
-                                 f"available: {', '.join(sorted(PRESETS))}")
+                                 f"available: {', '.join(model_names())}")
         elif mode and MODEL_MODES.get(model, mode) != mode:
             fail("model", model, f"{model} is a {MODEL_MODES[model]} model, not {mode}")
         else:
@@ -346,7 +366,7 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     # 2. Generation: the engine's own validation names the field and its allowed values
     generation: dict[str, Any] = {}
     if config is not None:
-        given = {c: v for c in GENERATION_COLUMNS if (v := value_of(c)) is not None}
+        given: dict[str, Any] = {c: v for c in GENERATION_COLUMNS if (v := value_of(c)) is not None}
         given.setdefault("resolution", config.default_resolution)
         try:
             request = GenerationRequest(prompt=prompt or "-", **given).validated(config)
@@ -362,8 +382,11 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
             return None
         try:
             resolved = _resolve_reference(value, ctx)
-            if ctx.check_inputs and not _is_uri(resolved):
-                check(resolved)
+            if not _is_uri(resolved):
+                if ctx.check_inputs:
+                    check(resolved)
+                elif not Path(resolved).is_file():   # decoded later, once, by the fetch stage
+                    raise InputError(f"file not found: {resolved}")
         except (_CellError, InputError) as exc:
             fail(column, value, exc.reason)
             return None
@@ -506,8 +529,14 @@ def _resolve_reference(value: str, ctx: _RowContext) -> str:
     if scheme:
         name = scheme.group(1).lower()
         if name == "https" and not ctx.allow_https:
-            raise _CellError("https:// inputs are not allowed for this run (allow_https is off); "
-                             "use a local path or s3://")
+            try:
+                host = urllib.parse.urlsplit(value).hostname
+            except ValueError:   # e.g. an unclosed [ in the host
+                host = None
+            if not host_allowed(host, ctx.fetch_allow):
+                raise _CellError(f"https host {host or '(none)'} is not on the fetch allowlist "
+                                 f"(TURBO_FETCH_ALLOW: {', '.join(ctx.fetch_allow) or 'empty'}); "
+                                 f"add it there, or use a local path or s3://")
         if name not in ("s3", "https"):
             raise _CellError(f"{name}:// is not allowed; use a local path or s3://")
         rest = value[len(name) + 3:] if value[len(name) + 1:].startswith("//") else ""

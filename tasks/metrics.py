@@ -7,12 +7,24 @@ prints the same summary.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
+
+if TYPE_CHECKING:
+    from tasks.deliver import DeliverOutput
+    from tasks.fetch import FetchedInputs
+    from tasks.generate import GenerateOutput
+    from tasks.manifest import ManifestRow, RowError
+
+__all__ = ["COLUMNS", "STATUSES", "MetricsRow", "metrics_frame", "publish_artifacts", "read_metrics",
+           "summary", "summary_markdown", "write_metrics"]
 
 COLUMNS: dict[str, pl.DataType] = {
     # row
@@ -23,7 +35,7 @@ COLUMNS: dict[str, pl.DataType] = {
     # output shape
     "width": pl.Int64(), "height": pl.Int64(), "frames": pl.Int64(), "fps": pl.Int64(),
     # stage seconds
-    "t_pose_s": pl.Float64(), "t_text_s": pl.Float64(), "t_denoise_s": pl.Float64(),
+    "t_fetch_s": pl.Float64(), "t_pose_s": pl.Float64(), "t_text_s": pl.Float64(), "t_denoise_s": pl.Float64(),
     "t_vae_s": pl.Float64(), "t_postprocess_s": pl.Float64(), "t_validate_s": pl.Float64(),
     "t_upload_s": pl.Float64(), "t_total_s": pl.Float64(),
     # resources
@@ -36,9 +48,102 @@ STATUSES = ("succeeded", "failed", "invalid", "skipped")
 GPU_STAGES = ("t_pose_s", "t_text_s", "t_denoise_s", "t_vae_s")
 
 
-def metrics_frame(rows: Iterable[Mapping[str, object]]) -> pl.DataFrame:
+@dataclass
+class MetricsRow:
+    """One metrics row, built from the stage outputs in one place (the only place that does)."""
+    id: str | None
+    row: int | None
+    status: str
+    attempts: int
+    mode: str | None = None
+    model: str | None = None
+    seed: int | None = None
+    error: str | None = None
+    gpu: str | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    t_fetch_s: float | None = None
+    t_pose_s: float | None = None
+    t_text_s: float | None = None
+    t_denoise_s: float | None = None
+    t_vae_s: float | None = None
+    t_postprocess_s: float | None = None
+    t_validate_s: float | None = None
+    t_upload_s: float | None = None
+    t_total_s: float | None = None
+    peak_vram_gb: float | None = None
+    text_cache_hit: bool | None = None
+    output_uri: str | None = None
+    poster_uri: str | None = None
+    preview_uri: str | None = None
+    presigned_url: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown metrics status {self.status!r}; expected {STATUSES}")
+
+    @classmethod
+    def start(cls, row: ManifestRow, attempt: int) -> MetricsRow:
+        return cls(id=row.id, row=row.row, status="failed", attempts=attempt, mode=row.mode,
+                   model=row.model, seed=row.seed)
+
+    @classmethod
+    def invalid(cls, error: RowError) -> MetricsRow:
+        return cls(id=error.id, row=error.row, status="invalid", attempts=0, error=str(error))
+
+    def fetched(self, out: FetchedInputs) -> MetricsRow:
+        self.t_fetch_s = out.t_fetch_s
+        return self
+
+    def generated(self, out: GenerateOutput) -> MetricsRow:
+        t = out.timings
+        self.gpu, self.peak_vram_gb, self.text_cache_hit = out.gpu, out.peak_vram_gb, out.text_cache_hit
+        self.t_text_s, self.t_denoise_s, self.t_vae_s = t["text_s"], t["denoise_s"], t["vae_s"]
+        self.t_total_s = (self.t_fetch_s or 0.0) + t["total_s"]
+        return self
+
+    def delivered(self, out: DeliverOutput) -> MetricsRow:
+        self.status = "succeeded"
+        self.width, self.height, self.frames, self.fps = out.width, out.height, out.frames, out.fps
+        self.t_postprocess_s, self.t_validate_s, self.t_upload_s = (
+            out.t_postprocess_s, out.t_validate_s, out.t_upload_s)
+        self.t_total_s = (self.t_total_s or 0.0) + out.t_postprocess_s + out.t_validate_s + out.t_upload_s
+        self.output_uri, self.poster_uri, self.preview_uri = out.output_uri, out.poster_uri, out.preview_uri
+        self.presigned_url, self.sha256, self.bytes = out.presigned_url, out.sha256, out.bytes
+        return self
+
+    def skipped(self, record: Mapping[str, Any]) -> MetricsRow:
+        """The row's outputs are already in the sink, as its record lists them."""
+        video = record["outputs"][".mp4"]
+        self.status = "skipped"
+        self.width, self.height = record["width"], record["height"]
+        self.frames, self.fps = record["frames"], record["fps"]
+        self.output_uri, self.poster_uri = video["uri"], record["outputs"][".jpg"]["uri"]
+        self.preview_uri = record["outputs"].get(".webp", {}).get("uri")
+        self.sha256, self.bytes = video["sha256"], video["bytes"]
+        return self
+
+    def failed(self, stage: str, error: BaseException | str, *, status: str = "failed") -> MetricsRow:
+        self.status, self.error = status, f"{stage}: {error}"
+        return self
+
+    @property
+    def gpu_is_cpu(self) -> bool:
+        """Generation ran on the CPU (tests, the tiny preset): overlapping would only oversubscribe it."""
+        return bool(self.gpu and self.gpu.startswith("cpu"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def metrics_frame(rows: Iterable[Mapping[str, object] | MetricsRow]) -> pl.DataFrame:
     """Rows → a frame with exactly COLUMNS, in order, missing values null; sorted by row number."""
-    records = [{c: r.get(c) for c in COLUMNS} for r in rows]
+    dicts = [r.as_dict() if isinstance(r, MetricsRow) else r for r in rows]
+    records = [{c: r.get(c) for c in COLUMNS} for r in dicts]
     unknown = {s for r in records if (s := r["status"]) not in STATUSES}
     if unknown:
         raise ValueError(f"unknown metrics status {sorted(map(str, unknown))}; expected {STATUSES}")
@@ -110,6 +215,7 @@ def read_metrics(location: str | Path) -> pl.DataFrame:
     if loc.startswith("s3://"):
         from tasks.upload import sink_from_uri
         data = sink_from_uri(loc).read_bytes("metrics.parquet")
+        assert data is not None     # missing_ok=False: a missing key raises
         return pl.read_parquet(io.BytesIO(data))
     p = Path(loc)
     return pl.read_parquet(p / "metrics.parquet" if p.is_dir() else p)

@@ -1,7 +1,8 @@
 """Shard planning: group rows so each shard loads one model, then balance shards by cost.
 
-A shard is one flow run on one GPU with one warm model, so rows are grouped by everything that
-selects the loaded model (model, attention type, SLA top-k, int8 choice). Within a group, rows are
+A shard is one flow run on one GPU with one warm model, so rows are grouped by what selects the
+loaded weights (the model and its int8 file choice). Attention backend and SLA top-k are applied
+per request on the loaded model, so rows that differ only in them share a shard. Within a group, rows are
 dealt into shards by estimated cost, largest first onto the cheapest shard (LPT), with at most
 `max_rows` rows per shard and at least enough shards to keep `gpus` busy.
 """
@@ -28,8 +29,7 @@ class Shard(Generic[R]):
 
 
 def model_key(row) -> tuple:
-    req = row.request()
-    return (row.model, req.attention_type, req.sla_topk, req.quant_linear)
+    return (row.model, row.quant_linear)
 
 
 def row_cost(row) -> float:

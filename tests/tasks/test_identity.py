@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import PRESETS
-from tasks.identity import RECIPE_VERSION, model_identity, output_key, row_hash
+from engine.family import Engine
+from engine.registry import get_model
+from engine.settings import EngineSettings
+from tasks.identity import RECIPE_VERSION, output_key, row_hash, row_key
 from tasks.manifest import ManifestRow, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-TINY_ID = model_identity("tiny-t2v", None)
+ENGINE = Engine(EngineSettings())
+TINY_ID = ENGINE.model_identity(ENGINE.load_spec("tiny-t2v"))
 
 
 def base_row() -> ManifestRow:
@@ -78,17 +81,19 @@ def test_row_order_does_not_change_hashes(tmp_path: Path) -> None:
 
 
 def test_hash_is_stable_across_processes() -> None:
-    code = ("from tasks.identity import model_identity, row_hash\n"
+    code = ("from engine.family import Engine\nfrom engine.settings import EngineSettings\n"
+            "from tasks.identity import row_hash\n"
             "from tasks.manifest import read_manifest\n"
+            "e = Engine(EngineSettings())\n"
             "rows = read_manifest('examples/tiny.csv', env={}).rows\n"
-            "print(' '.join(row_hash(r, model_identity(r.model, None)) for r in rows))\n")
+            "print(' '.join(row_hash(r, e.model_identity(e.load_spec(r.model))) for r in rows))\n")
     outputs = []
     for hash_seed in ("1", "12345"):  # different str hashing / dict iteration per process
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                               text=True, check=True, timeout=120)
         outputs.append(done.stdout.split())
-    here = [row_hash(r, model_identity(r.model, None)) for r in read_manifest(EXAMPLES / "tiny.csv").rows]
+    here = [row_hash(r, TINY_ID) for r in read_manifest(EXAMPLES / "tiny.csv").rows]
     assert outputs[0] == outputs[1] == here
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in here)
 
@@ -114,36 +119,70 @@ def test_output_key() -> None:
 
 
 def test_model_identity_random_init() -> None:
-    identity = model_identity("tiny-t2v", Path("/nonexistent"))
-    assert identity == model_identity("tiny-t2v", None)
-    assert "tiny-t2v" in identity
+    assert TINY_ID == "tiny-t2v/random-init-seed-20260101"
+    # a folder without the tiny files: still the seeded random weights
+    spec = Engine(EngineSettings(checkpoints_dir=Path("/nonexistent"))).load_spec("tiny-t2v")
+    assert ENGINE.model_identity(spec) == TINY_ID
 
 
-def test_model_identity_real_preset_uses_file_stats(tmp_path: Path) -> None:
-    config = PRESETS["wan2.1-t2v-1.3b"]
-    names_only = model_identity(config.name, tmp_path)
-    for name in (config.files.dit, config.files.dit_quant, config.files.vae, config.files.text_encoder):
-        assert name in names_only
-    assert names_only == model_identity(config.name, None)
-
-    dit = tmp_path / config.files.dit
-    dit.write_bytes(b"x" * 10)
-    os.utime(dit, ns=(1_000_000_000, 1_000_000_000))
-    with_file = model_identity(config.name, tmp_path)
-    assert with_file != names_only
-    assert f"{config.files.dit}:10:1000000000" in with_file
-
-    os.utime(dit, ns=(2_000_000_000, 2_000_000_000))          # touched
-    touched = model_identity(config.name, tmp_path)
-    dit.write_bytes(b"x" * 11)
-    os.utime(dit, ns=(2_000_000_000, 2_000_000_000))          # same mtime, other size
-    resized = model_identity(config.name, tmp_path)
-    assert len({with_file, touched, resized}) == 3
+def _real_files(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for f in get_model("wan2.1-t2v-1.3b").files:
+        path = root / f.name
+        if f.folder:
+            path.mkdir(parents=True)
+            (path / "tokenizer.json").write_text("{}")
+        else:
+            path.write_bytes(f.name.encode())
 
 
-def test_model_identity_unknown_model() -> None:
+def test_model_identity_uses_names_sizes_and_content_digests(tmp_path: Path) -> None:
+    _real_files(tmp_path)
+    engine = Engine(EngineSettings(checkpoints_dir=tmp_path, digest_cache_dir=tmp_path / "digests"))
+    spec = engine.load_spec("wan2.1-t2v-1.3b")
+    first = engine.model_identity(spec)
+    dit = tmp_path / "TurboWan2.1-T2V-1.3B-480P.pth"
+    assert f"dit=TurboWan2.1-T2V-1.3B-480P.pth:{dit.stat().st_size}:sha256:" in first
+    assert (tmp_path / "TurboWan2.1-T2V-1.3B-480P.pth.sha256").is_file()     # cached beside the file
+
+    os.utime(dit, ns=(2_000_000_000, 2_000_000_000))          # touched: same bytes, same identity
+    assert engine.model_identity(engine.load_spec("wan2.1-t2v-1.3b")) == first
+    dit.write_bytes(b"Y" * dit.stat().st_size)                # replaced: same size, new bytes
+    os.utime(dit, ns=(2_000_000_000, 2_000_000_000))
+    assert engine.model_identity(engine.load_spec("wan2.1-t2v-1.3b")) != first
+
+
+def test_digest_record_goes_to_the_cache_folder_when_it_cannot_go_beside(tmp_path: Path) -> None:
+    _real_files(tmp_path / "ro")
+    # A folder where the record file would go: unwritable there even for root (CI runs as root,
+    # which ignores a read-only mode).
+    (tmp_path / "ro" / "Wan2.1_VAE.pth.sha256").mkdir()
+    engine = Engine(EngineSettings(checkpoints_dir=tmp_path / "ro", digest_cache_dir=tmp_path / "d"))
+    first = engine.model_identity(engine.load_spec("wan2.1-t2v-1.3b"))
+    assert len(list((tmp_path / "d").glob("*.json"))) == 1
+    assert engine.model_identity(engine.load_spec("wan2.1-t2v-1.3b")) == first
+
+
+def test_row_key_runs_on_the_engine_and_follows_the_files(tmp_path: Path) -> None:
+    row = dataclasses.replace(base_row(), model="wan2.1-t2v-1.3b")
+    _real_files(tmp_path)
+    engine = Engine(EngineSettings(checkpoints_dir=tmp_path))
+    key = row_key(row, engine, engine.load_spec(row.model))
+    assert key == row_key(row, engine, engine.load_spec(row.model))
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"other vae bytes")
+    assert row_key(row, engine, engine.load_spec(row.model)) != key
+
+
+def test_fetched_input_digests_win_over_the_reference() -> None:
+    row = dataclasses.replace(base_row(), watermark="s3://b/logo.png")
+    a = row_hash(row, TINY_ID, {"watermark": "sha256:" + "a" * 64})
+    b = row_hash(row, TINY_ID, {"watermark": "sha256:" + "b" * 64})
+    assert a != b and a == row_hash(row, TINY_ID, {"watermark": "sha256:" + "a" * 64})
+
+
+def test_unknown_model() -> None:
     with pytest.raises(ValueError, match="model"):
-        model_identity("wan9-t2v-99b", None)
+        ENGINE.load_spec("wan9-t2v-99b")
 
 
 def test_recipe_version_changes_every_hash(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,8 +194,7 @@ def test_recipe_version_changes_every_hash(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_tiny_identity_follows_the_engine_weight_seed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.pipeline
-    before = model_identity("tiny-t2v", None)
-    assert str(engine.pipeline.WEIGHT_SEED) in before
-    monkeypatch.setattr(engine.pipeline, "WEIGHT_SEED", engine.pipeline.WEIGHT_SEED + 1)
-    assert model_identity("tiny-t2v", None) != before
+    import engine.family
+    assert str(engine.family.WEIGHT_SEED) in TINY_ID
+    monkeypatch.setattr(engine.family, "WEIGHT_SEED", engine.family.WEIGHT_SEED + 1)
+    assert ENGINE.model_identity(ENGINE.load_spec("tiny-t2v")) != TINY_ID

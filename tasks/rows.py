@@ -1,0 +1,151 @@
+"""A shard's rows through their mode's stages, one metrics row each, whatever happens.
+
+    per row, in the shard's thread:   fetch → identify → completed? ─yes─▶ skipped
+                                       [pose] → generate ─▶ frames.npy
+    in the pool, behind the next row:  deliver = postprocess → validate → upload (+ record)
+
+`MODE_STAGES` lists each mode's stages; the flow (flows/shard.py) only walks the rows. A failing
+stage fails its row and names itself in the error; the shard goes on. Bad input (`InputError`)
+is recorded `invalid`, anything else `failed`. Transient errors were already retried by the
+stage's task (fetch, the completed-check, upload).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+
+from engine.family import Engine, LoadSpec
+from tasks.deliver import deliver, find_completed
+from tasks.errors import InputError, retry_transient
+from tasks.fetch import FetchedInputs, FetchSettings, fetch
+from tasks.generate import GenerateOutput, generate
+from tasks.identity import row_key
+from tasks.manifest import ManifestRow
+from tasks.metrics import MetricsRow
+from tasks.upload import Sink
+
+__all__ = ["MODE_STAGES", "RowRunner", "check_completed"]
+
+log = logging.getLogger(__name__)
+
+# What each mode runs, in order. "deliver" is postprocess → validate → upload, overlapped with
+# the next row's generation.
+MODE_STAGES: dict[str, tuple[str, ...]] = {
+    "t2v": ("fetch", "identify", "generate", "deliver"),
+    "i2v": ("fetch", "identify", "generate", "deliver"),
+    "dance": ("fetch", "pose", "identify", "generate", "deliver"),
+}
+
+# The skip check reads the row's record from the sink: retried like any other sink read.
+check_completed = task(name="completed", task_run_name="completed-{key}",
+                       cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5],
+                       retry_condition_fn=retry_transient)(find_completed)
+
+
+@dataclass
+class _Row:
+    row: ManifestRow
+    metrics: MetricsRow
+    work: Path
+    spec: LoadSpec | None = None
+    inputs: FetchedInputs | None = None
+    key: str = ""
+    generated: GenerateOutput | None = None
+    delivery: PrefectFuture[Any] | None = None
+
+
+@dataclass
+class RowRunner:
+    engine: Engine
+    sink: Sink
+    work_root: Path
+    fetch_settings: FetchSettings
+    attempt: int = 1
+    on_done: Callable[[str, str], None] = lambda row_id, status: None
+    overlap: bool = True                      # False: wait for each delivery (CPU generation)
+    results: list[MetricsRow] = field(default_factory=list)
+    _pending: list[_Row] = field(default_factory=list)
+
+    def run(self, row: ManifestRow, expected_rows: int) -> None:
+        """Every stage of the row up to its delivery, which is left running in the pool."""
+        state = _Row(row, MetricsRow.start(row, self.attempt), self.work_root / f"row{row.row}")
+        for stage in MODE_STAGES[row.mode]:
+            try:
+                done = getattr(self, f"_{stage}")(state, expected_rows)
+            except InputError as e:
+                log.error("row %s (%s) has a bad input: %s", row.row, row.id, e)
+                self._finish(state, state.metrics.failed(stage, e, status="invalid"))
+                return
+            except Exception as e:    # this row fails; the shard goes on
+                log.error("row %s (%s) failed in %s: %s", row.row, row.id, stage, e)
+                self._finish(state, state.metrics.failed(stage, e))
+                return
+            if done:
+                return
+        self._collect(keep=1 if self.overlap and not state.metrics.gpu_is_cpu else 0)
+
+    def finish(self) -> list[MetricsRow]:
+        """Wait for the deliveries still running; every row's metrics."""
+        self._collect(keep=0)
+        return self.results
+
+    # -- stages: each returns True when the row is finished early ---------------------------
+    def _fetch(self, s: _Row, _: int) -> bool:
+        s.inputs = fetch(s.row, s.work, self.fetch_settings)
+        s.metrics.fetched(s.inputs)
+        return False
+
+    def _pose(self, s: _Row, _: int) -> bool:
+        raise NotImplementedError("dance mode (the pose stage) is not in this version")
+
+    def _identify(self, s: _Row, _: int) -> bool:
+        s.spec = self.engine.load_spec(s.row.model, s.row.quant_linear)
+        s.key = row_key(s.row, self.engine, s.spec, s.inputs.digests if s.inputs else None)
+        record = check_completed(self.sink, s.key)
+        if record is None:
+            return False
+        self._finish(s, s.metrics.skipped(record))
+        return True
+
+    def _generate(self, s: _Row, expected_rows: int) -> bool:
+        assert s.spec is not None
+        s.generated = generate(s.row, s.work, self.engine, s.spec,
+                               inputs=s.inputs.files if s.inputs else None, expected_rows=expected_rows)
+        s.metrics.generated(s.generated)
+        return False
+
+    def _deliver(self, s: _Row, _: int) -> bool:
+        assert s.generated is not None
+        fields = s.row.postprocess_fields()
+        # ffmpeg only ever gets the fetched files (safe names in the work folder), never URIs.
+        fetched = s.inputs.files if s.inputs else {}
+        fields.update({c: str(fetched[c]) for c in ("watermark", "audio") if c in fetched})
+        s.delivery = deliver.submit(s.generated.frames_path, fields, s.key, self.sink)
+        self._pending.append(s)
+        return False
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _collect(self, keep: int) -> None:
+        # At most `keep` deliveries stay running behind the next generation (frames are large).
+        while len(self._pending) > keep:
+            s = self._pending.pop(0)
+            assert s.delivery is not None
+            try:
+                s.metrics.delivered(s.delivery.result())
+            except Exception as e:
+                s.metrics.failed("deliver", e)
+            self._finish(s, s.metrics)
+
+    def _finish(self, s: _Row, metrics: MetricsRow) -> None:
+        shutil.rmtree(s.work, ignore_errors=True)
+        self.results.append(metrics)
+        self.on_done(s.row.id, metrics.status)
