@@ -1,18 +1,20 @@
 """Manifest v1: read a CSV or Parquet batch file and validate it into `ManifestRow`s.
 
-    read_manifest(source) ─┬─ file-level problem (unreadable, empty, no `id` column …) → ManifestFileError
+    read_manifest(source) ─┬─ file-level problem (unreadable, empty, no `id`, unknown column …) → ManifestFileError
                            └─ Manifest(rows=[good rows], errors=[RowError per bad cell], warnings=[…])
 
-Every bad row is reported with its 1-based data row number, id, column, value and reason; good rows
-are still returned (pass `strict=True` to refuse the whole batch instead). A value comes from the
-row if its cell is not empty, else from `run_params` (CLI options, deployment parameters), else
-from the environment (`TURBO_STEPS`, `ATTENTION_TYPE`, `SLA_TOPK`, `TURBO_MODEL`), else the default.
+Every bad cell is reported with its 1-based data row number, id, column, value and reason (shown
+escaped and capped: `tasks.text.shown`); good rows are still returned (pass `strict=True` to
+refuse the whole batch instead). A value comes from the row if its cell is not empty, else from
+`run_params` (CLI options, deployment parameters), else from the environment (`TURBO_STEPS`,
+`ATTENTION_TYPE`, `SLA_TOPK`, `TURBO_MODEL`), else the default.
 Column reference: docs/MANIFEST.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -21,6 +23,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,8 @@ from engine.registry import MODELS, model_names
 from engine.requests import REQUEST_TYPES, GenerationRequest
 from tasks.errors import InputError
 from tasks.inputs import check_audio, check_image, check_video, host_allowed, parse_host_list
-from tasks.manifest_errors import ManifestFileError, ManifestRowsError
+from tasks.manifest_errors import ManifestFileError, ManifestRowsError, count_rows
+from tasks.text import shown
 
 MODES = ("t2v", "i2v", "dance")
 DEFAULT_MODELS = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.2-i2v-a14b", "dance": "steadydancer-14b"}
@@ -63,6 +67,13 @@ MAX_FPS, MAX_INTERPOLATE_FPS, MAX_UPSCALE = 60, 120, 4.0
 MAX_SAMPLES = 1000
 MAX_WATERMARK_TEXT = 200
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+# Any cell over this many UTF-8 bytes fails its row (a prompt over the text encoder's limit but
+# under this one is accepted: the engine truncates it with a warning).
+MAX_CELL_BYTES = 64 * 1024
+MAX_REASON = 1000         # an error reason is escaped and capped at this many characters
+# Integer columns: a cell such as "17.0" (what pandas writes for an int column with nulls) is
+# accepted when it is integral.
+INTEGER_COLUMNS = ("num_frames", "num_steps", "seed", "fps", "interpolate_fps", "num_samples")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -77,9 +88,14 @@ class RowError:
     reason: str
 
     def __str__(self) -> str:
-        who = f'id "{self.id}"' if self.id else "no id"
-        value = "(empty)" if self.value is None else f'"{self.value}"'
-        return f"row {self.row} ({who}), column {self.column} = {value}: {self.reason}"
+        """One line: every user value escaped and capped (`tasks.text.shown`); an error on the id
+        column does not repeat the id before its value."""
+        value = "(empty)" if self.value is None else f'"{shown(self.value)}"'
+        reason = shown(self.reason, limit=MAX_REASON)
+        if self.column == "id" and self.id is not None and self.id == self.value:
+            return f"row {self.row}, column id = {value}: {reason}"
+        who = f'id "{shown(self.id)}"' if self.id else "no id"
+        return f"row {self.row} ({who}), column {shown(self.column)} = {value}: {reason}"
 
 
 # ── rows ─────────────────────────────────────────────────────────────────────────────────────────
@@ -144,23 +160,34 @@ class Manifest:
     warnings: list[str]
     source: str
 
-    def save(self, path: Path) -> Path:
+    def counts(self) -> str:
+        """"4 valid rows, 29 invalid rows (33 errors)": invalid rows are distinct row numbers."""
+        valid = len(self.rows)
+        return f"{valid} valid row{'' if valid == 1 else 's'}, {count_rows(self.errors)}"
+
+    def to_bytes(self) -> bytes:
         """The validated manifest as JSON, so a later stage takes it by reference, unread."""
-        data = {"source": self.source, "warnings": self.warnings,
-                "rows": [dataclasses.asdict(r) for r in self.rows],
-                "errors": [dataclasses.asdict(e) for e in self.errors]}
+        return json.dumps({"source": self.source, "warnings": self.warnings,
+                           "rows": [dataclasses.asdict(r) for r in self.rows],
+                           "errors": [dataclasses.asdict(e) for e in self.errors]}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        raw = json.loads(data)
+        return cls(rows=[ManifestRow(**r) for r in raw["rows"]],
+                   errors=[RowError(**e) for e in raw["errors"]],
+                   warnings=list(raw["warnings"]), source=raw["source"])
+
+    def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(data))
+        tmp.write_bytes(self.to_bytes())
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
-        data = json.loads(Path(path).read_text())
-        return cls(rows=[ManifestRow(**r) for r in data["rows"]],
-                   errors=[RowError(**e) for e in data["errors"]],
-                   warnings=list(data["warnings"]), source=data["source"])
+        return cls.from_bytes(Path(path).read_bytes())
 
 
 # ── entry point ──────────────────────────────────────────────────────────────────────────────────
@@ -175,8 +202,12 @@ def read_manifest(
     allowed_roots: Sequence[Path] | None = None,
     check_inputs: bool = True,
     strict: bool = False,
+    ignore_unknown: bool = False,
 ) -> Manifest:
     """Read and validate a manifest; see the module docstring.
+
+    A column that is not in `COLUMNS` is a ManifestFileError naming it (with a "did you mean"),
+    unless `ignore_unknown=True`: then it is left out with a warning.
 
     An https:// reference is accepted when its host is on `fetch_allow` (host names, exact or
     `*.example.com`; None: the `TURBO_FETCH_ALLOW` variable of `env`). `allow_https=True` accepts
@@ -191,7 +222,14 @@ def read_manifest(
 
     table = _read_table(source_text, env)
     unknown = [c for c in table.columns if c not in COLUMNS]
-    warnings = [f"unknown column(s) ignored: {', '.join(unknown)}"] if unknown else []
+    warnings: list[str] = []
+    if unknown and not ignore_unknown:
+        raise ManifestFileError(source_text, f"unknown column(s): {_describe_unknown(unknown)}; "
+                                             "rename them (docs/MANIFEST.md lists the columns), or "
+                                             "ignore them with --ignore-unknown (ignore_unknown=True)")
+    if unknown:
+        warnings.append(f"unknown column(s) ignored: {_describe_unknown(unknown)}")
+        table = table.drop(unknown)
 
     context = _RowContext(run_params=_clean_run_params(run_params), env=env, base_dir=base_dir,
                           roots=roots, allow_https=allow_https, fetch_allow=allow_hosts,
@@ -264,8 +302,13 @@ def _read_table(source: str, env: Mapping[str, str]) -> pl.DataFrame:
     table = table.rename({c: c.strip() for c in table.columns})
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
+        found = ", ".join(shown(c, limit=60) for c in table.columns[:30]) or "none"
+        if len(table.columns) > 30:
+            found += f", … {len(table.columns) - 30} more"
+        unknown = [c for c in table.columns if c not in COLUMNS]
+        also = f"; unknown column(s): {_describe_unknown(unknown)}" if unknown else ""
         raise ManifestFileError(source, f"required column(s) missing: {', '.join(missing)} "
-                                        f"(found: {', '.join(table.columns) or 'none'})")
+                                        f"(found: {found}){also}")
     if table.height == 0:
         raise ManifestFileError(source, "has a header but no data rows")
     return table
@@ -281,13 +324,24 @@ def _read_local(path: Path) -> pl.DataFrame:
         return pl.read_parquet(io.BytesIO(data))
     if not data.strip():
         raise ManifestFileError(path, "file is empty")
-    if b"\x00" in data:
-        raise ManifestFileError(path, "not a CSV or Parquet file (binary content)")
+    # A NUL in the header, or in a file that is not UTF-8 or does not parse, means binary content;
+    # a NUL inside one cell of a CSV that parses fails that row only (see _cell_problem).
+    binary = ManifestFileError(path, "not a CSV or Parquet file (binary content)")
+    has_nul = b"\x00" in data
+    if b"\x00" in data.split(b"\n", 1)[0]:
+        raise binary
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if has_nul:
+            raise binary from None
         raise ManifestFileError(path, f"not UTF-8 text, so not a CSV file (byte {exc.start})") from None
-    return pl.read_csv(io.BytesIO(data), infer_schema=False)
+    try:
+        return pl.read_csv(io.BytesIO(data), infer_schema=False)
+    except pl.exceptions.PolarsError:
+        if has_nul:
+            raise binary from None
+        raise
 
 
 # ── validating one row ───────────────────────────────────────────────────────────────────────────
@@ -311,7 +365,14 @@ class _CellError(Exception):
 def _validate_row(number: int, raw: Mapping[str, str | None],
                   ctx: _RowContext) -> tuple[ManifestRow | None, list[RowError]]:
     errors: list[RowError] = []
-    row_id = _clean(raw.get("id"))
+    # 0. A cell nothing else may read (a NUL byte, over MAX_CELL_BYTES) fails its row once; the
+    #    rest of the row is checked as if it were empty, with no second error on that column.
+    refused = {c: problem for c, v in raw.items() if (problem := _cell_problem(v)) is not None}
+    cells = {c: (None if c in refused else v) for c, v in raw.items()}
+    row_id = _clean(cells.get("id"))
+    for column, problem in refused.items():
+        errors.append(RowError(number, row_id, column, raw[column], problem))
+    raw = cells
     origins: dict[str, str] = {}
 
     def value_of(column: str) -> str | None:
@@ -329,6 +390,8 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
         return None
 
     def fail(column: str, value: object, reason: str) -> None:
+        if column in refused:
+            return
         if column in origins:
             reason += f" (value from {origins[column]})"
         errors.append(RowError(number, row_id, column, None if value is None else str(value), reason))
@@ -356,7 +419,7 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     config: WanConfig | None = None
     if model is not None:
         if model not in MODELS:
-            fail("model", model, f"model {model} is not available in this version; "
+            fail("model", model, f"model {shown(model)} is not available in this version; "
                                  f"available: {', '.join(model_names())}")
         elif mode and MODEL_MODES.get(model, mode) != mode:
             fail("model", model, f"{model} is a {MODEL_MODES[model]} model, not {mode}")
@@ -366,13 +429,11 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     # 2. Generation: the engine's own validation names the field and its allowed values
     generation: dict[str, Any] = {}
     if config is not None:
-        given: dict[str, Any] = {c: v for c in GENERATION_COLUMNS if (v := value_of(c)) is not None}
-        given.setdefault("resolution", config.default_resolution)
-        try:
-            request = GenerationRequest(prompt=prompt or "-", **given).validated(config)
-        except RequestError as exc:
-            fail(exc.field, exc.value, f"must be {exc.allowed}")
-        else:
+        given = {c: v for c in GENERATION_COLUMNS if (v := value_of(c)) is not None}
+        request, problems = _validate_generation(given, config, prompt or "-")
+        for exc in problems:      # every bad field, each echoed as the row wrote it
+            fail(exc.field, given.get(exc.field, exc.value), f"must be {exc.allowed}")
+        if request is not None:
             generation = {c: getattr(request, c) for c in GENERATION_COLUMNS}
 
     # 3. Inputs and mode rules
@@ -458,6 +519,33 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     ), []
 
 
+def _validate_generation(given: Mapping[str, str], config: WanConfig,
+                         prompt: str) -> tuple[GenerationRequest | None, list[RequestError]]:
+    """The engine's validation of a row's generation fields, reporting every bad one.
+
+    `validated()` stops at the first bad field; that field is then set back to its default and the
+    request validated again, so each other field is still judged by the engine's own rules (beside
+    the row's other values: the aspect ratio against the row's resolution). The request is None
+    when any field is bad."""
+    defaults = {**_REQUEST_DEFAULTS, "resolution": config.default_resolution}
+    fields: dict[str, Any] = {"resolution": config.default_resolution}
+    for column, text in given.items():
+        number = _integral(text) if column in INTEGER_COLUMNS else None
+        fields[column] = text if number is None else number    # "17.0" → 17
+    problems: list[RequestError] = []
+    while True:   # at most once per field: a field set back to its default that fails again ends it
+        try:
+            request = GenerationRequest(prompt=prompt, **fields).validated(config)
+        except RequestError as exc:
+            if not any(p.field == exc.field for p in problems):
+                problems.append(exc)
+            if exc.field not in GENERATION_COLUMNS or fields.get(exc.field) == defaults[exc.field]:
+                return None, problems
+            fields[exc.field] = defaults[exc.field]
+        else:
+            return (None if problems else request), problems
+
+
 def _expand_samples(row: ManifestRow) -> list[ManifestRow]:
     """num_samples=N → N rows with seeds seed…seed+N−1 and ids/output names suffixed -s0…-s{N-1}."""
     if row.num_samples == 1:
@@ -469,14 +557,23 @@ def _expand_samples(row: ManifestRow) -> list[ManifestRow]:
 
 # ── cell parsers (raise _CellError with the reason) ──────────────────────────────────────────────
 
-def _parse_int(text: str, what: str) -> int:
+def _integral(text: str) -> int | None:
+    """The integer a cell such as "17", "17.0" or "1e+16" writes (pandas writes an int column with
+    nulls as floats), exactly; None when it is not a finite integral number."""
     try:
-        number = float(text)
-    except ValueError:
-        raise _CellError(f"must be {what}") from None
-    if not number.is_integer():
-        raise _CellError(f"must be {what}")
+        number = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    if not number.is_finite() or number.adjusted() > 100 or number != number.to_integral_value():
+        return None
     return int(number)
+
+
+def _parse_int(text: str, what: str) -> int:
+    number = _integral(text)
+    if number is None:
+        raise _CellError(f"must be {what}")
+    return number
 
 
 def _parse_fps(text: str) -> int:
@@ -534,11 +631,11 @@ def _resolve_reference(value: str, ctx: _RowContext) -> str:
             except ValueError:   # e.g. an unclosed [ in the host
                 host = None
             if not host_allowed(host, ctx.fetch_allow):
-                raise _CellError(f"https host {host or '(none)'} is not on the fetch allowlist "
+                raise _CellError(f"https host {shown(host or '(none)')} is not on the fetch allowlist "
                                  f"(TURBO_FETCH_ALLOW: {', '.join(ctx.fetch_allow) or 'empty'}); "
                                  f"add it there, or use a local path or s3://")
         if name not in ("s3", "https"):
-            raise _CellError(f"{name}:// is not allowed; use a local path or s3://")
+            raise _CellError(f"{shown(name, limit=40)}:// is not allowed; use a local path or s3://")
         rest = value[len(name) + 3:] if value[len(name) + 1:].startswith("//") else ""
         host, _, key = rest.partition("/")
         if not host or not key or key.endswith("/"):
@@ -557,6 +654,29 @@ def _is_uri(reference: str) -> bool:
 
 
 # ── small helpers ────────────────────────────────────────────────────────────────────────────────
+
+def _cell_problem(value: str | None) -> str | None:
+    """Why a raw cell cannot be read at all (a NUL byte, over MAX_CELL_BYTES), or None."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        return "contains a NUL byte"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_CELL_BYTES:
+        return f"cell of {size} bytes, over the {MAX_CELL_BYTES // 1024} KiB limit"
+    return None
+
+
+def _describe_unknown(columns: Sequence[str]) -> str:
+    """`num_frame (did you mean num_frames?), colour`: each name escaped, with the closest column."""
+    parts = []
+    for name in columns[:30]:
+        close = difflib.get_close_matches(name.lower(), COLUMNS, n=1)
+        parts.append(shown(name, limit=60) + (f" (did you mean {close[0]}?)" if close else ""))
+    if len(columns) > 30:
+        parts.append(f"… {len(columns) - 30} more")
+    return ", ".join(parts)
+
 
 def _clean(value: object) -> str | None:
     """A cell as text; empty or whitespace-only means "not given"."""

@@ -213,9 +213,12 @@ def test_missing_file_and_unsupported_scheme(tmp_path: Path) -> None:
         read_manifest("https://example.com/m.csv")
 
 
-def test_unknown_columns_warn(tmp_path: Path) -> None:
+def test_unknown_columns_refuse_the_file_unless_ignored(tmp_path: Path) -> None:
+    """More in tests/tasks/test_manifest_truth.py (did-you-mean, CLI flags)."""
     path = write(tmp_path / "m.csv", "id,mode,prompt,model,colour,num_frame\na,t2v,x,tiny-t2v,red,9\n")
-    manifest = read_manifest(path)
+    with pytest.raises(ManifestFileError, match="unknown column"):
+        read_manifest(path)
+    manifest = read_manifest(path, ignore_unknown=True)
     assert len(manifest.rows) == 1 and manifest.errors == []
     assert len(manifest.warnings) == 1
     assert "colour" in manifest.warnings[0] and "num_frame" in manifest.warnings[0]
