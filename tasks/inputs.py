@@ -9,6 +9,7 @@ allowlist (`TURBO_FETCH_ALLOW`) shared by the manifest check and the fetch stage
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -18,8 +19,12 @@ from typing import Any
 from PIL import Image
 
 from tasks.errors import InputError
+from tasks.postprocess import file_url, run_media_command, url_scheme
 
+# ffprobe's timeout (read at call time; tests lower it). It reads headers, not every frame, and the
+# clip's length is what it is asked for, so the allowance grows with the file's size instead.
 FFPROBE_TIMEOUT_S = 30
+FFPROBE_TIMEOUT_PER_GIB_S = 30
 
 
 def check_image(path: str | Path) -> tuple[int, int]:
@@ -36,22 +41,29 @@ def check_image(path: str | Path) -> tuple[int, int]:
 
 
 def probe(path: str | Path) -> dict[str, Any]:
-    """ffprobe's JSON description (streams and format) of a media file."""
+    """ffprobe's JSON description (streams and format) of a media file.
+
+    A reference with a URL scheme is refused; the file reaches ffprobe as `file:<absolute path>`
+    with `-protocol_whitelist file`, so ffprobe never opens anything but this local file."""
+    scheme = url_scheme(path)
+    if scheme is not None:
+        raise InputError(f"is a URL ({scheme}:...), not a local file: ffprobe opens local files only")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
     ffprobe = shutil.which("ffprobe")
     if ffprobe is None:
         raise InputError("ffprobe is not installed (apt-get install ffmpeg)")
-    argv = [ffprobe, "-v", "error", "-print_format", "json", "-show_streams", "-show_format",
-            str(path)]
+    argv = [ffprobe, "-v", "error", "-protocol_whitelist", "file", "-print_format", "json",
+            "-show_streams", "-show_format", file_url(path)]
+    timeout_s = math.ceil(FFPROBE_TIMEOUT_S + FFPROBE_TIMEOUT_PER_GIB_S * path.stat().st_size / 2**30)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=FFPROBE_TIMEOUT_S,
-                              check=False)
+        done = run_media_command(argv, timeout_s)
     except subprocess.TimeoutExpired:
-        raise InputError(f"ffprobe took more than {FFPROBE_TIMEOUT_S} s") from None
+        raise InputError(f"ffprobe timed out after {timeout_s} s (killed)") from None
+    stderr = done.stderr.decode(errors="replace")
     if done.returncode != 0:
-        raise InputError(f"not a readable media file (ffprobe: {_one_line(done.stderr) or 'failed'})")
+        raise InputError(f"not a readable media file (ffprobe: {_one_line(stderr) or 'failed'})")
     try:
         return json.loads(done.stdout)
     except json.JSONDecodeError:

@@ -9,6 +9,11 @@ Checks run in order of cost, and the first failure raises `VideoValidationError`
 3. "decode" - full decode `ffmpeg -xerror ... -f null -`: return code 0 AND an empty stderr.
               Garbage in the middle of `mdat` passes 1 and 2 and can still exit 0, but it always
               prints "error while decoding" lines.
+
+Before them, "path": a reference with a URL scheme (`https:`, `s3:`, `concat:`...) is refused; the
+file reaches ffprobe/ffmpeg as `file:<absolute path>` with the mp4 demuxer forced and
+`-protocol_whitelist file`. Both commands run under a timeout that grows with the expected frame
+count (VALIDATE_TIMEOUT_*_S); at the timeout the process group is killed and the check fails.
 """
 
 from __future__ import annotations
@@ -20,8 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import VideoValidationError
+from tasks.postprocess import file_url, media_timeout_s, run_media_command, url_scheme
 
-CHECK_BOXES, CHECK_STREAM, CHECK_DECODE = "boxes", "stream", "decode"
+CHECK_PATH, CHECK_BOXES, CHECK_STREAM, CHECK_DECODE = "path", "boxes", "stream", "decode"
+# Timeout of each ffprobe/ffmpeg check (read at call time; tests lower them): base + per expected
+# frame (x megapixels above 1). A full decode costs ~0.005 s per 832x480 frame (r2_ffmpeg.md §5).
+VALIDATE_TIMEOUT_BASE_S = 30.0
+VALIDATE_TIMEOUT_PER_FRAME_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -42,10 +52,16 @@ class VideoInfo:
 
 def validate_video(path: Path | str, expect_width: int, expect_height: int, expect_frames: int,
                    expect_audio: bool = False) -> VideoInfo:
+    scheme = url_scheme(path)
+    if scheme is not None:
+        raise VideoValidationError(path, CHECK_PATH, f"is a URL ({scheme}:...), not a local file: validation "
+                                                     f"opens local files only")
     path = Path(path)
+    timeout_s = media_timeout_s(expect_frames, expect_width, expect_height,
+                                VALIDATE_TIMEOUT_BASE_S, VALIDATE_TIMEOUT_PER_FRAME_S)
     boxes = check_boxes(path)
-    info = _check_streams(path, boxes, expect_width, expect_height, expect_frames, expect_audio)
-    _check_decode(path)
+    info = _check_streams(path, boxes, expect_width, expect_height, expect_frames, expect_audio, timeout_s)
+    _check_decode(path, timeout_s)
     return info
 
 
@@ -88,11 +104,20 @@ def check_boxes(path: Path) -> tuple[str, ...]:
     return tuple(types)
 
 
+def _run_check(path: Path, check: str, command: list[str], timeout_s: float) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return run_media_command(command, timeout_s)
+    except subprocess.TimeoutExpired:
+        raise VideoValidationError(path, check, f"{command[0]} timed out after {timeout_s:g} s (killed)") from None
+    except FileNotFoundError:
+        raise VideoValidationError(path, check, f"{command[0]} is not on PATH (apt-get install ffmpeg)") from None
+
+
 def _check_streams(path: Path, boxes: tuple[str, ...], expect_width: int, expect_height: int,
-                   expect_frames: int, expect_audio: bool) -> VideoInfo:
-    command = ["ffprobe", "-v", "error", "-count_packets", "-show_streams", "-show_format",
-               "-of", "json", str(path)]
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+                   expect_frames: int, expect_audio: bool, timeout_s: float) -> VideoInfo:
+    command = ["ffprobe", "-v", "error", "-protocol_whitelist", "file", "-f", "mp4", "-count_packets",
+               "-show_streams", "-show_format", "-of", "json", file_url(path)]
+    result = _run_check(path, CHECK_STREAM, command, timeout_s)
     # Only the return code counts here: ffprobe decodes a frame or two to fill in stream fields, and
     # decoder errors it prints are payload damage, which the "decode" check reports with full context.
     if result.returncode != 0:
@@ -124,10 +149,10 @@ def _check_streams(path: Path, boxes: tuple[str, ...], expect_width: int, expect
                      has_audio=has_audio, boxes=boxes)
 
 
-def _check_decode(path: Path) -> None:
-    command = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-xerror", "-i", str(path),
-               "-map", "0:v:0", "-f", "null", "-"]
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+def _check_decode(path: Path, timeout_s: float) -> None:
+    command = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-xerror", "-protocol_whitelist", "file",
+               "-f", "mp4", "-i", file_url(path), "-map", "0:v:0", "-f", "null", "-"]
+    result = _run_check(path, CHECK_DECODE, command, timeout_s)
     stderr = result.stderr.decode(errors="replace").strip()
     if result.returncode != 0 or stderr:
         lines = stderr.splitlines()
