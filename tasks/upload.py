@@ -9,17 +9,34 @@
 Writes are idempotent: an object whose size and metadata sha256 already match is skipped, and a
 new object is written with If-None-Match: * so a concurrent writer can never be overwritten; a
 412 is resolved by comparing sha256. Credentials are wrapped in `Secret`, whose repr hides them.
+
+The local sink does the same on a file system: each file is copied to a temp file beside its
+target, `.<name>.<pid>@<host>.<random>.partial` (mode 0o666 & ~umask, like any new file), then
+hard-linked to the target name, which fails when the name exists, so two writers of one key
+cannot both win; the loser compares sha256 (same bytes: skipped, else UploadConflictError).
+`overwrite=True` renames over the target instead. A LocalSink, when created, removes the temp
+files a killed run left anywhere under its root: at once when the writer's pid is from this host
+and no longer runs, otherwise (another host's, or an older name without pid) after
+PARTIAL_GRACE_SECONDS without a write.
+
+Reads (`read_bytes`, `verify`, `list`) raise the same tree: a 5xx, a timeout, a dropped
+connection or a body shorter than its Content-Length is an UploadTransientError.
 """
 
 from __future__ import annotations
 
 import base64
+import builtins
+import errno
 import hashlib
 import http.client
 import json
 import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -47,6 +64,7 @@ MIN_PART_SIZE = 5 * MiB          # R2/S3 minimum for every part except the last
 MAX_PRESIGN_SECONDS = 604_800    # 7 days: the R2 and SigV4 limit
 IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 _HASH_CHUNK = 1 * MiB
+PARTIAL_GRACE_SECONDS = 3600     # a temp file nobody wrote to for this long is stale, whoever wrote it
 
 _AUTH_CODES = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "Forbidden", "403",
                "InvalidToken", "ExpiredToken", "UnrecognizedClientException"}
@@ -97,6 +115,8 @@ class Sink(Protocol):
 
     def verify(self, key: str, size: int, sha256: str) -> bool: ...
 
+    def list(self, prefix: str = "") -> builtins.list[str]: ...
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -114,31 +134,45 @@ def file_sha256(path: Path) -> str:
 class LocalSink:
     root: Path
 
+    def __post_init__(self) -> None:
+        self.remove_stale_partials()
+
     def put(self, local_path: Path, key: str, content_type: str = "application/octet-stream",
             cache_control: str = IMMUTABLE_CACHE_CONTROL, *, overwrite: bool = False) -> UploadResult:
-        """Copy into root/key. Identical content is skipped; different content is a conflict unless overwrite."""
+        """Copy into root/key. Identical content is skipped; different content is a conflict unless overwrite.
+
+        Safe against a concurrent writer of the same key (another process, another host on a shared
+        file system): without `overwrite` exactly one of them creates the file and the others skip
+        (same bytes) or raise UploadConflictError (different bytes); with it the file is replaced
+        atomically. Readers never see a partial file."""
         local_path = Path(local_path)
         target = self.root / _clean_key(key)
         size, sha256 = local_path.stat().st_size, file_sha256(local_path)
+
+        def done(skipped: bool) -> UploadResult:
+            return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=skipped)
+
+        def skip_if_same() -> UploadResult:
+            # The target exists; without overwrite nobody replaces it, so this answer is final.
+            if not self.verify(key, size, sha256):
+                raise UploadConflictError(f"{target} already exists with different content "
+                                          f"(local sha256 {sha256}); pass overwrite=True to replace it")
+            return done(skipped=True)
+
         if self.verify(key, size, sha256):
-            return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=True)
-        if target.exists() and not overwrite:
-            raise UploadConflictError(f"{target} already exists with different content "
-                                      f"(local sha256 {sha256}); pass overwrite=True to replace it")
+            return done(skipped=True)
+        if not overwrite and target.exists():   # it may have appeared since verify: check again
+            return skip_if_same()
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Copy to a temp file in the same directory, then rename: readers never see a partial file.
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        tmp = _write_partial(local_path, target)
         try:
-            with os.fdopen(fd, "wb") as out, local_path.open("rb") as src:
-                while chunk := src.read(_HASH_CHUNK):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        return UploadResult(uri=target.as_uri(), key=key, sha256=sha256, bytes=size, skipped=False)
+            if overwrite:
+                os.replace(tmp, target)
+            elif not _link_new(tmp, target):   # another writer created the target first
+                return skip_if_same()
+        finally:
+            tmp.unlink(missing_ok=True)        # after a link the temp name is a second name of the target
+        return done(skipped=False)
 
     def read_bytes(self, key: str, missing_ok: bool = False) -> bytes | None:
         target = self.root / _clean_key(key)
@@ -151,12 +185,146 @@ class LocalSink:
         target = self.root / _clean_key(key)
         return target.is_file() and target.stat().st_size == size and file_sha256(target) == sha256
 
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """Sink-relative keys that start with `prefix` (a string prefix, as in S3: "runs/" is the
+        folder, "runs" also matches "runs-old/..."), sorted; temp files are left out."""
+        prefix = _clean_prefix(prefix)
+        folder = prefix.rpartition("/")[0]
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(self.root / folder):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if rel == "." else f"{rel}/"
+            dirnames[:] = [d for d in dirnames if f"{base}{d}/".startswith(prefix) or prefix.startswith(f"{base}{d}/")]
+            keys += [f"{base}{name}" for name in filenames
+                     if f"{base}{name}".startswith(prefix) and not _is_partial_name(name)]
+        return sorted(keys)
+
+    def remove_stale_partials(self, grace_seconds: float = PARTIAL_GRACE_SECONDS) -> builtins.list[Path]:
+        """Delete temp files left under root by writers that died; the paths removed.
+
+        A temp file is stale when its writer's pid was on this host and no longer exists, or, for
+        another host's file or one without a pid, when nothing wrote to it for `grace_seconds`
+        (also the fallback when a live process reuses the pid). Never raises: a file that cannot be
+        removed is logged and left."""
+        removed: builtins.list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        host, now = _host_tag(), time.time()
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                path = Path(dirpath) / name
+                try:
+                    if _is_partial_name(name) and _is_stale_partial(path, host, now, grace_seconds):
+                        path.unlink()
+                        removed.append(path)
+                except FileNotFoundError:
+                    pass                     # its writer finished, or another sweep was first
+                except OSError as exc:
+                    logger.warning("could not remove stale temp file %s: %s", path, exc)
+        if removed:
+            logger.info("removed %d stale temp file(s) left under %s by killed runs", len(removed), self.root)
+        return removed
+
+
+# `.<name>.<pid>@<host>.<8 hex>.partial` (this module), and `.<name>.<8 chars>.partial` (tempfile.mkstemp,
+# before the pid was in the name). The host tag keeps only [A-Za-z0-9-], so the name parses from the right.
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)@(?P<host>[A-Za-z0-9-]+)\.[0-9a-f]{8}\.partial")
+_MKSTEMP_PARTIAL = re.compile(r"\..+\.[a-z0-9_]{8}\.partial")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "localhost"
+
+
+def _partial_name(target_name: str, pid: int | None = None, host: str | None = None) -> str:
+    # The target name is cut to 100 bytes to keep the temp name within NAME_MAX (255 bytes).
+    short = target_name.encode()[:100].decode(errors="ignore")
+    return (f".{short}.{os.getpid() if pid is None else pid}@{host or _host_tag()}"
+            f".{secrets.token_hex(4)}.partial")
+
+
+def _is_partial_name(name: str) -> bool:
+    return bool(_PARTIAL.fullmatch(name) or _MKSTEMP_PARTIAL.fullmatch(name))
+
+
+def _is_stale_partial(path: Path, host: str, now: float, grace_seconds: float) -> bool:
+    match = _PARTIAL.fullmatch(path.name)
+    if match and match["host"] == host and not _pid_running(int(match["pid"])):
+        return True
+    return now - path.stat().st_mtime > grace_seconds
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (in doubt: yes)."""
+    if os.name != "posix" or pid <= 0:   # Windows' os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                      # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _write_partial(source: Path, target: Path) -> Path:
+    """Copy `source` to a new temp file beside `target`, fsynced. Created with mode 0o666, so the
+    umask (and a default ACL) applies as to any new file; mkstemp's 0o600 would stay on the target."""
+    while True:
+        tmp = target.with_name(_partial_name(target.name))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:          # 32 random bits taken: draw again
+            continue
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            while chunk := src.read(_HASH_CHUNK):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+# link(2) answers these where the file system has no hard links (vfat, some FUSE and SMB mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _link_new(tmp: Path, target: Path) -> bool:
+    """Give tmp's complete file the name `target` unless that name exists (then False). link(2) fails
+    with EEXIST instead of replacing, so of several writers exactly one creates the target."""
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+    logger.warning("%s: no hard links on this file system; a concurrent writer of the same key may "
+                   "replace this file unnoticed", target.parent)
+    if target.exists():
+        return False
+    os.replace(tmp, target)
+    return True
+
 
 def _clean_key(key: str) -> str:
     parts = [p for p in key.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         raise ValueError(f"invalid object key {key!r}: must be a relative path without '..'")
     return "/".join(parts)
+
+
+def _clean_prefix(prefix: str) -> str:
+    """'' (everything) or a key prefix without '..'; a trailing '/' is kept (it ends at a folder)."""
+    if not prefix.strip("/"):
+        return ""
+    cleaned = _clean_key(prefix)
+    return f"{cleaned}/" if prefix.endswith("/") else cleaned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,20 +487,40 @@ class S3Sink:
             "get_object", Params={"Bucket": self.bucket, "Key": full_key}, ExpiresIn=expires_seconds))
 
     def read_bytes(self, key: str, missing_ok: bool = False) -> bytes | None:
+        """The object's bytes; None for a missing key when `missing_ok` (a missing bucket still raises).
+        A body shorter than its Content-Length is an UploadTransientError, never a short result."""
         full_key = self.full_key(key)
         with _translate_errors(self.bucket, full_key):
             try:
-                return bytes(self.client.get_object(Bucket=self.bucket, Key=full_key)["Body"].read())
+                response = self.client.get_object(Bucket=self.bucket, Key=full_key)
             except botocore.exceptions.ClientError as exc:
-                if missing_ok and (_status(exc) == 404 or _code(exc) == "NoSuchKey"):
+                if missing_ok and _is_missing_key(exc):
                     return None
                 raise
+            data = bytes(response["Body"].read())
+        expected = response.get("ContentLength")
+        if expected is not None and len(data) != expected:
+            raise UploadTransientError(f"s3://{self.bucket}/{full_key}: download cut short, "
+                                       f"{len(data)} of {expected} bytes")
+        return data
 
     def verify(self, key: str, size: int, sha256: str) -> bool:
         """True when the object exists with this size and metadata sha256 (one HEAD)."""
         full_key = self.full_key(key)
         with _translate_errors(self.bucket, full_key):
             return self._matches_existing(full_key, size, sha256, missing_ok=True)
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """Sink-relative keys that start with `prefix` (S3 semantics: "runs/" is the folder, "runs"
+        also matches "runs-old/..."), sorted. Pages through ListObjectsV2."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        full_prefix = base + _clean_prefix(prefix)
+        keys: builtins.list[str] = []
+        with _translate_errors(self.bucket, full_prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=full_prefix):
+                keys += [obj["Key"][len(base):] for obj in page.get("Contents", [])]
+        return sorted(key for key in keys if key)   # "" would be a folder marker named like the prefix
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -422,6 +610,11 @@ def _code(exc: botocore.exceptions.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _is_missing_key(exc: botocore.exceptions.ClientError) -> bool:
+    """A 404 for the key itself; NoSuchBucket (also a 404) is a configuration error, not "absent"."""
+    return _code(exc) == "NoSuchKey" or (_status(exc) == 404 and _code(exc) in ("", "404", "NotFound"))
+
+
 class _translate_errors:
     """Turn botocore exceptions into the UploadError tree (messages name bucket and key, never secrets)."""
 
@@ -446,7 +639,7 @@ class _translate_errors:
             status, code = _status(exc), _code(exc)
             if status == 403 or code in _AUTH_CODES:
                 raise UploadAuthError(
-                    f"R2/S3 refused the credentials for bucket {self.bucket!r} ({code or status}) while writing "
+                    f"R2/S3 refused the credentials for bucket {self.bucket!r} ({code or status}) while accessing "
                     f"{self.where}: check R2_ACCESS_KEY_ID/R2_SECRET_ACCESS_KEY (and that the key may write "
                     f"this bucket)") from exc
             if code == "BadDigest" or code == "InvalidDigest":

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import os
 import ssl
+import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import botocore.retries.standard
 import pytest
 from botocore.awsrequest import AWSResponse
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
 
 from tasks.upload import (
     MAX_PRESIGN_SECONDS,
@@ -22,6 +27,7 @@ from tasks.upload import (
     Secret,
     UploadAuthError,
     UploadConflictError,
+    UploadError,
     UploadIntegrityError,
     UploadTransientError,
     is_retryable,
@@ -29,6 +35,8 @@ from tasks.upload import (
     r2_credentials,
     sink_from_uri,
 )
+from tests.faultproxy import Action, Drop, FaultProxy, ProxyRequest, Stall, Status, Truncate
+from tests.s3server import S3TestServer, run_s3_server
 
 MiB = 1024 * 1024
 
@@ -243,6 +251,161 @@ def test_transient_503s_that_never_stop_end_in_a_retryable_error(s3_server, s3_b
         S3Sink(s3_bucket, "", client).put(_write(tmp_path / "a.bin", b"never"), "a.bin")
     assert len(attempts) == 3
     assert is_retryable(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# list, and reads that fail (a fault-injecting proxy between TLS and ministack)
+# ---------------------------------------------------------------------------------------------
+
+LIST_KEYS = ["runs/2024-06-01/metrics.parquet", "runs/2024-06-02/metrics.parquet", "runs/2024-06-02/manifest.csv",
+             "runs-old/metrics.parquet", "videos/ab/x.mp4", "top.json"]
+
+
+def _put_keys(sink: Any, tmp_path: Path, keys: list[str]) -> None:
+    for i, key in enumerate(keys):
+        sink.put(_write(tmp_path / f"src-{i}", key.encode()), key)
+
+
+def test_s3_list_pages_through_the_keys_under_a_prefix(s3_server, s3_bucket, tmp_path):
+    client = s3_server.client()
+    sink = S3Sink(s3_bucket, "out", client)
+    _put_keys(sink, tmp_path, LIST_KEYS)
+    for outside in ("out-other/runs/x", "runs/not-in-the-sink", "outruns/y"):   # around the sink's prefix
+        client.put_object(Bucket=s3_bucket, Key=outside, Body=b"x")
+    client.meta.events.register("before-parameter-build.s3.ListObjectsV2",
+                                lambda params, **_: params.update(MaxKeys=2))   # 2 keys a page
+    sent = _count_requests(client, "ListObjectsV2")
+
+    assert sink.list() == sorted(LIST_KEYS)
+    assert len(sent) == 3
+    assert sink.list("runs/") == ["runs/2024-06-01/metrics.parquet", "runs/2024-06-02/manifest.csv",
+                                  "runs/2024-06-02/metrics.parquet"]
+    assert sink.list("runs") == sorted(sink.list("runs/") + ["runs-old/metrics.parquet"])
+    assert sink.list("/runs//2024-06-02/") == ["runs/2024-06-02/manifest.csv", "runs/2024-06-02/metrics.parquet"]
+    assert sink.list("nothing/") == []
+    assert S3Sink(s3_bucket, "", client).list("runs/") == ["runs/not-in-the-sink"]
+    with pytest.raises(ValueError, match="invalid object key"):
+        sink.list("runs/../")
+
+
+def test_s3_and_local_sinks_list_alike(s3_server, s3_bucket, tmp_path):
+    s3 = S3Sink(s3_bucket, "p", s3_server.client())
+    local = LocalSink(tmp_path / "store")
+    for sink in (s3, local):
+        _put_keys(sink, tmp_path, LIST_KEYS)
+    for prefix in ["", "runs/", "runs", "runs/2024-06-02/m", "videos/ab/", "videos/ab/x.mp4", "t", "none/"]:
+        assert s3.list(prefix) == local.list(prefix), prefix
+
+
+def test_list_with_refused_credentials_is_an_auth_error(s3_server, s3_bucket):
+    with pytest.raises(UploadAuthError, match="R2_ACCESS_KEY_ID"):
+        S3Sink(s3_bucket, "", s3_server.client(secret_access_key="wrong-secret")).list()
+
+
+def test_a_missing_bucket_is_an_error_not_a_missing_key(s3_server):
+    sink = S3Sink("no-such-bucket-4c1d", "", s3_server.client())
+    with pytest.raises(UploadError, match="NoSuchBucket") as info:
+        sink.read_bytes("k.json", missing_ok=True)
+    assert not is_retryable(info.value)
+    with pytest.raises(UploadError, match="NoSuchBucket"):
+        sink.list()
+
+
+def test_a_body_shorter_than_its_content_length_is_transient(s3_server):
+    client = s3_server.client()
+    with Stubber(client) as stub:   # a body stream that ends early without raising
+        stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(b"0123456789"), 10), "ContentLength": 100},
+                          {"Bucket": "b", "Key": "p/k.json"})
+        with pytest.raises(UploadTransientError, match="10 of 100 bytes") as info:
+            S3Sink("b", "p", client).read_bytes("k.json", missing_ok=True)
+    assert is_retryable(info.value)
+
+
+@pytest.fixture(scope="module")
+def s3_faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3TestServer]:
+    with run_s3_server(tmp_path_factory.mktemp("s3readfaults"), faults=True) as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(s3_faults: S3TestServer) -> Iterator[FaultProxy]:
+    assert s3_faults.faults is not None
+    s3_faults.faults.clear()
+    yield s3_faults.faults
+    s3_faults.faults.clear()
+
+
+READ_CALLS: dict[str, tuple[str, Callable[[S3Sink, Any], Any]]] = {
+    "read_bytes": ("GET", lambda sink, put: sink.read_bytes("a/x.bin")),
+    "read_bytes_missing_ok": ("GET", lambda sink, put: sink.read_bytes("a/x.bin", missing_ok=True)),
+    "verify": ("HEAD", lambda sink, put: sink.verify("a/x.bin", put.bytes, put.sha256)),
+    "list": ("GET", lambda sink, put: sink.list("a/")),
+}
+READ_FAULTS: list[Action] = [Status(500), Status(503), Drop(), Truncate(0), Truncate(10), Stall(1.5)]
+
+
+@pytest.fixture(scope="module")
+def read_bucket(s3_faults: S3TestServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any]:
+    """One bucket holding p/a/x.bin for every read test (reads change nothing); (bucket, UploadResult)."""
+    bucket = s3_faults.create_bucket()
+    source = _write(tmp_path_factory.mktemp("reads") / "x.bin", bytes(range(256)) * 4)
+    return bucket, S3Sink(bucket, "p", s3_faults.client()).put(source, "a/x.bin")
+
+
+@pytest.mark.parametrize("action", READ_FAULTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("call", READ_CALLS, ids=str)
+def test_failed_reads_are_transient_and_succeed_on_retry(s3_faults, proxy, read_bucket, call, action):
+    method, read = READ_CALLS[call]
+    bucket, put = read_bucket
+    read_timeout = 0.75 if isinstance(action, Stall) else 60
+    sink = S3Sink(bucket, "p", s3_faults.client(max_attempts=1, read_timeout=read_timeout))
+    expected = read(sink, put)
+    assert expected   # the bytes, True, ["a/x.bin"]
+    proxy.add_rule(match=lambda req: req.method == method, action=action, times=1)
+
+    with pytest.raises(UploadTransientError) as info:
+        read(sink, put)
+
+    assert is_retryable(info.value) and f"s3://{sink.bucket}/p/a" in str(info.value)
+    assert read(sink, put) == expected   # the next attempt gets the whole answer
+    # A stalled request is logged once it is forwarded: wait, so it cannot land in the next test's log.
+    _wait_for(lambda: action.name in [r.action for r in proxy.requests if r.method == method])
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_cut_second_page_fails_the_listing(s3_faults, proxy, tmp_path):
+    client = s3_faults.client(max_attempts=1)
+    sink = S3Sink(s3_faults.create_bucket(), "", client)
+    _put_keys(sink, tmp_path, LIST_KEYS)
+    client.meta.events.register("before-parameter-build.s3.ListObjectsV2",
+                                lambda params, **_: params.update(MaxKeys=2))
+
+    def second_page(req: ProxyRequest) -> bool:
+        return req.method == "GET" and "continuation-token=" in req.path
+
+    proxy.add_rule(match=second_page, action=Truncate(10), times=1)
+    with pytest.raises(UploadTransientError):   # never a silently short list
+        sink.list()
+    assert sink.list() == sorted(LIST_KEYS)
+
+
+def test_missing_key_is_none_but_a_cut_body_is_an_error(s3_faults, proxy, tmp_path):
+    sink = S3Sink(s3_faults.create_bucket(), "", s3_faults.client(max_attempts=1))
+    sink.put(_write(tmp_path / "r.json", b'{"outputs": {}}' * 100), "r.json")
+
+    assert sink.read_bytes("absent.json", missing_ok=True) is None
+    proxy.add_rule(match=lambda req: req.method == "GET", action=Status(404), times=1)   # NoSuchKey
+    assert sink.read_bytes("r.json", missing_ok=True) is None
+    proxy.add_rule(match=lambda req: req.method == "GET", action=Truncate(10), times=1)
+    with pytest.raises(UploadTransientError):
+        sink.read_bytes("r.json", missing_ok=True)
+    assert sink.read_bytes("r.json", missing_ok=True) == b'{"outputs": {}}' * 100
 
 
 # ---------------------------------------------------------------------------------------------
