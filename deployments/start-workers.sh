@@ -4,11 +4,15 @@
 #     (never in job_variables: a deployment's env would override the worker's), --limit 1;
 #   - one worker on the `cpu` pool for the batch and nightly flows (CPU_WORKER=0 to skip).
 # GPUs: GPUS=N overrides the count; otherwise `nvidia-smi -L`; GPUS=2 on a machine without CUDA
-# gives two CPU "GPU" workers (tests, the tiny preset).
+# gives two CPU "GPU" workers (tests, the tiny preset). With no GPU found and GPUS unset the script
+# says so and exits 1; a CPU-only batch host (only the cpu worker) is asked for with GPUS=0.
 # Each worker logs to $LOG_DIR/<name>.log; their pids go to $LOG_DIR/workers.pids.
-# SIGINT or SIGTERM to this script is passed on to every worker as SIGINT (a Prefect worker stops
-# faster on SIGINT than on SIGTERM). If one worker dies, the others are stopped and the script
-# exits non-zero, so systemd or the container runtime restarts the whole set.
+# SIGINT or SIGTERM to this script is passed on to every worker as SIGINT; a worker still running
+# STOP_TIMEOUT seconds later (default 60) is SIGKILLed, and so is every worker on a second signal.
+# Workers start with SIGINT at its default even when this script was started with it ignored
+# (`start-workers.sh &` from a non-interactive shell): a Prefect worker that inherits an ignored
+# SIGINT never stops on SIGINT or SIGTERM. If one worker dies, the others are stopped and the
+# script exits non-zero, so systemd or the container runtime restarts the whole set.
 set -euo pipefail
 set -m   # background jobs in their own process groups, with SIGINT not ignored
 
@@ -20,19 +24,34 @@ CPU_WORKER="${CPU_WORKER:-1}"
 CPU_LIMIT="${CPU_LIMIT:-4}"
 GPU_POOL="${GPU_POOL:-gpu}"
 CPU_POOL="${CPU_POOL:-cpu}"
+STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 mkdir -p "$LOG_DIR"
 
 if [[ -n "${GPUS:-}" ]]; then
+    if [[ ! "$GPUS" =~ ^[0-9]+$ ]]; then
+        echo "start-workers: GPUS=$GPUS: expected a number of GPU workers (0 for a CPU-only host)" >&2
+        exit 1
+    fi
     n_gpus="$GPUS"
-elif command -v nvidia-smi >/dev/null 2>&1; then
-    n_gpus="$(nvidia-smi -L | grep -c '^GPU ' || true)"
 else
     n_gpus=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n_gpus="$(nvidia-smi -L | grep -c '^GPU ' || true)"
+    fi
+    if [[ "$n_gpus" -eq 0 ]]; then
+        echo "start-workers: no GPU found (nvidia-smi missing or lists none) and GPUS is not set." \
+             "Set GPUS=N for N GPU workers, or GPUS=0 CPU_WORKER=1 for a CPU-only batch host." >&2
+        exit 1
+    fi
 fi
 if [[ "$n_gpus" -eq 0 && "$CPU_WORKER" == 0 ]]; then
     echo "start-workers: no GPU found (set GPUS=N) and CPU_WORKER=0: nothing to start" >&2
     exit 1
 fi
+
+# GNU env (coreutils 8.31+) puts SIGINT back to its default for the worker.
+default_sigint=(--default-signal=INT)
+env "${default_sigint[@]}" true 2>/dev/null || default_sigint=()
 
 pids=()
 start() {   # start NAME ENV... -- ARGS...: one worker in the background, logging to its own file
@@ -40,7 +59,7 @@ start() {   # start NAME ENV... -- ARGS...: one worker in the background, loggin
     local envs=()
     while [[ "$1" != "--" ]]; do envs+=("$1"); shift; done
     shift
-    env "${envs[@]}" prefect worker start --type process --name "$name" "$@" \
+    env "${default_sigint[@]}" "${envs[@]}" prefect worker start --type process --name "$name" "$@" \
         >"$LOG_DIR/$name.log" 2>&1 &
     pids+=($!)
     echo "started $name (pid $!), log $LOG_DIR/$name.log"
@@ -54,11 +73,25 @@ if [[ "$CPU_WORKER" != 0 ]]; then
 fi
 printf '%s\n' "${pids[@]}" >"$LOG_DIR/workers.pids"
 
-stop() {
-    trap - INT TERM
+running() {   # any worker still running?
+    local pid
+    for pid in "${pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then return 0; fi
+    done
+    return 1
+}
+stop() {   # SIGINT to every worker, SIGKILL to those left after STOP_TIMEOUT s or on a second signal
+    trap 'echo "second signal: killing the workers" >&2; kill -KILL "${pids[@]}" 2>/dev/null || true' INT TERM
     echo "stopping ${#pids[@]} worker(s)"
     kill -INT "${pids[@]}" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_TIMEOUT))
+    while running && ((SECONDS < deadline)); do sleep 0.5; done
+    if running; then
+        echo "worker(s) still running after ${STOP_TIMEOUT} s: SIGKILL" >&2
+        kill -KILL "${pids[@]}" 2>/dev/null || true
+    fi
     wait "${pids[@]}" 2>/dev/null || true
+    trap - INT TERM
 }
 trap 'stop; exit 0' INT TERM
 

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 
 from flows.batch import batch_flow
 from tasks import manifests_queue as queue
+from tasks.errors import NoLiveWorkersError
 from tasks.upload import make_s3_client_from_env
 
 
@@ -42,6 +43,8 @@ def nightly_flow(bucket_prefix: str = "s3://turbo-batch/manifests/",
                                     shard_deployment=shard_deployment,
                                     max_rows_per_shard=max_rows_per_shard,
                                     max_shard_attempts=max_shard_attempts)
+            except NoLiveWorkersError:   # nothing can run tonight: leave every manifest pending
+                raise
             except Exception as e:   # this manifest cannot run; the others still do
                 log.error("manifest s3://%s/%s failed: %s", bucket, key, e)
                 moved = queue.move(client, bucket, key, prefix, "failed")

@@ -15,6 +15,7 @@
     │   └── InputTransientError (+TransientError)   the input's server failed or timed out
     ├── PostprocessError                  an ffmpeg command failed
     ├── VideoValidationError              the encoded MP4 failed a check
+    ├── NoLiveWorkersError                the shard deployment's pool has no live worker
     └── UploadError
         ├── UploadAuthError               credentials refused: never retried
         ├── UploadConflictError           the key holds different bytes
@@ -44,7 +45,7 @@ from engine.errors import (
 
 __all__ = ["BackendUnavailableError", "CheckpointError", "EngineError", "InputError",
            "InputTransientError", "ManifestError", "ManifestFileError", "ManifestRowsError",
-           "ModelMemoryError", "PostprocessError", "RequestError", "TransientError",
+           "ModelMemoryError", "NoLiveWorkersError", "PostprocessError", "RequestError", "TransientError",
            "TurboBatchError", "UploadAuthError", "UploadConflictError", "UploadError",
            "UploadIntegrityError", "UploadTransientError", "VideoValidationError", "is_transient",
            "retry_transient"]
@@ -155,6 +156,25 @@ class UploadTransientError(UploadError, TransientError):
 
 class UploadIntegrityError(UploadError, TransientError):
     """The bytes the server received do not match the checksum we sent (corrupted in transit)."""
+
+
+
+# ── workers ──────────────────────────────────────────────────────────────────────────────────
+
+class NoLiveWorkersError(TurboBatchError, RuntimeError):
+    """The shard deployment's work pool has no live worker, so its shard runs would never start."""
+
+    def __init__(self, pool: str, deployment: str):
+        self.pool, self.deployment = pool, deployment
+        start = "deployments/start-workers.sh" if pool == "gpu" else f"GPU_POOL={pool} deployments/start-workers.sh"
+        super().__init__(
+            f"work pool {pool!r} has no live worker (none sent a heartbeat in its last three "
+            f"heartbeat intervals), so the shards of deployment {deployment!r} would never start. "
+            f"Start the workers on each GPU host with `{start}` (one per GPU; see deployments/README.md), "
+            "then run the batch again.")
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (type(self), (self.pool, self.deployment))
 
 
 from tasks.manifest_errors import ManifestFileError, ManifestRowsError  # noqa: E402

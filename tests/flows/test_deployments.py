@@ -58,8 +58,8 @@ def versions_per_key(stack, bucket: str, prefix: str) -> Counter:
 
 
 def read_metrics(stack, bucket: str, prefix: str) -> pl.DataFrame:
-    body = stack.s3.client().get_object(Bucket=bucket, Key=f"{prefix}/metrics.parquet")["Body"].read()
-    return pl.read_parquet(io.BytesIO(body))
+    from tests.shards import latest_metrics
+    return latest_metrics(f"s3://{bucket}/{prefix}", client=stack.s3.client())
 
 
 def run_batch(stack, manifest: Path, sink: str, *extra: str) -> None:
@@ -78,7 +78,9 @@ def flow_runs(stack, flow_name: str, sink: str):
 
 
 def output_keys(prefix: str, counts: Counter, ext: str) -> list[str]:
-    return sorted(k for k in counts if k.startswith(prefix + "/") and k.endswith(ext))
+    """Row outputs only: a run's own files (manifest, metrics, latest pointer) are under runs/."""
+    return sorted(k for k in counts if k.startswith(prefix + "/") and k.endswith(ext)
+                  and not k.startswith(f"{prefix}/runs/"))
 
 
 @e2e[0]
@@ -110,7 +112,7 @@ def test_batch_deployment_fans_out_to_both_gpu_workers_and_uploads_once(prefect_
     mp4s, records = output_keys(prefix, counts, ".mp4"), output_keys(prefix, counts, ".json")
     assert len(mp4s) == 6 and len(records) == 6
     assert sorted(f"s3://{bucket}/{k}" for k in mp4s) == sorted(df["output_uri"].to_list())
-    once = {k: n for k, n in counts.items() if not k.startswith(f"{prefix}/metrics.")}
+    once = {k: n for k, n in counts.items() if not k.startswith(f"{prefix}/runs/")}
     assert set(once.values()) == {1}, once
     heads = {k: stack.s3.client().head_object(Bucket=bucket, Key=k) for k in mp4s}
     assert all(h["ContentLength"] > 0 and h["ContentType"] == "video/mp4" for h in heads.values())
@@ -124,7 +126,7 @@ def test_batch_deployment_fans_out_to_both_gpu_workers_and_uploads_once(prefect_
     assert again["status"].to_list() == ["skipped"] * 6
     assert again["output_uri"].to_list() == df["output_uri"].to_list()
     after = versions_per_key(stack, bucket, prefix)
-    assert {k: n for k, n in after.items() if not k.startswith(f"{prefix}/metrics.")} == once
+    assert {k: n for k, n in after.items() if not k.startswith(f"{prefix}/runs/")} == once
     for k, h in heads.items():
         assert stack.s3.client().head_object(Bucket=bucket, Key=k)["ETag"] == h["ETag"]
     print(f"first batch {first_run_s:.1f} s")
@@ -177,12 +179,12 @@ def test_sigkilled_shard_is_resubmitted_and_finished_rows_are_not_uploaded_again
     assert sorted(df["id"].to_list()) == ids
     assert df["attempts"].to_list() == [2, 2, 2]
     by_id = dict(zip(df["id"].to_list(), df["status"].to_list()))
-    first_id = shard.parameters["rows"][0]["id"]
+    first_id = ids[shard.parameters["rows"][0]]          # rows travel as manifest positions
     assert by_id[first_id] == "skipped"                 # finished before the kill: not redone
     assert set(by_id.values()) <= {"succeeded", "skipped"}
     counts = versions_per_key(stack, bucket, prefix)
     assert len(output_keys(prefix, counts, ".mp4")) == 3
-    assert {n for k, n in counts.items() if not k.startswith(f"{prefix}/metrics.")} == {1}, counts
+    assert {n for k, n in counts.items() if not k.startswith(f"{prefix}/runs/")} == {1}, counts
 
 
 def _shard_pid(flow_run) -> int:
@@ -195,7 +197,8 @@ def _shard_pid(flow_run) -> int:
 
 def _records(stack, bucket: str, prefix: str) -> list[str]:
     resp = stack.s3.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")
-    return [o["Key"] for o in resp.get("Contents", []) if o["Key"].endswith(".json")]
+    return [o["Key"] for o in resp.get("Contents", []) if o["Key"].endswith(".json")
+            and not o["Key"].startswith(f"{prefix}/runs/")]
 
 
 def _wait_for(probe, timeout: float, poll: float = 0.5):
@@ -265,6 +268,52 @@ def test_start_workers_refuses_to_start_nothing(tmp_path):
     out = subprocess.run(["bash", str(REPO_ROOT / "deployments/start-workers.sh")], capture_output=True,
                          text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode != 0 and "PREFECT_API_URL" in out.stderr
+
+
+@pytest.mark.parametrize("nvidia_smi", ["missing", "lists none"])
+def test_start_workers_without_a_gpu_says_so(tmp_path, nvidia_smi):
+    """No GPU and no GPUS: an explicit refusal (exit 1), not a silent cpu-only host; GPUS=0 asks
+    for the cpu-only host explicitly. PATH holds only what the script needs, and a fake prefect."""
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("env", "dirname", "mkdir", "true", "sleep", "grep"):
+        (bin_dir / tool).symlink_to(subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True,
+                                                   text=True, check=True).stdout.strip())
+    started = tmp_path / "started"
+    (bin_dir / "prefect").write_text(f'#!/bin/sh\necho "$*" >> {started}\n')
+    if nvidia_smi == "lists none":
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    for name in ("prefect", "nvidia-smi"):
+        if (bin_dir / name).exists():
+            (bin_dir / name).chmod(0o755)
+    env = {"PATH": str(bin_dir), "PREFECT_API_URL": "http://127.0.0.1:9/api", "LOG_DIR": str(tmp_path / "logs"),
+           "WORKER_HOST": "t"}
+
+    def run(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["/bin/bash", str(REPO_ROOT / "deployments/start-workers.sh")],
+                              capture_output=True, text=True, timeout=30, env={**env, **extra})
+
+    out = run()     # CPU_WORKER defaults to 1: still refused
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "no GPU found (nvidia-smi missing or lists none) and GPUS is not set" in out.stderr
+    assert not started.exists()
+    out = run(GPUS="0", CPU_WORKER="1")     # the explicit cpu-only batch host starts its cpu worker
+    assert started.read_text().split("\n")[0].startswith("worker start --type process --name t-cpu --pool cpu")
+    assert "no GPU found" not in out.stderr
+
+
+def test_host_settings_and_worker_logs_are_not_committed():
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("needs a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT).returncode == 0
+    assert ignored("deployments/worker.env") and ignored("deployments/server.env")
+    assert ignored("logs/ci-gpu-0.log") and ignored("logs/workers.pids")
+    assert not ignored("deployments/worker.env.example")
 
 
 @pytest.mark.parametrize("uri, expected", [("s3://b/manifests/", ("b", "manifests/")),
