@@ -1,14 +1,15 @@
 """Metrics stage: one row per manifest row, whatever happened to it.
 
-Written as metrics.parquet and metrics.csv beside the outputs, as a Prefect table artifact and a
-markdown summary artifact (counts, totals, GPU-seconds per video); `turbo-batch report DIR`
-prints the same summary.
+`MetricsRow` is built from the stage outputs in one place. A run's rows are written as
+metrics.parquet and metrics.csv (CSV cells neutralised against formula injection) in the run's
+folder (tasks/runs.py), as a Prefect table artifact and a markdown summary artifact (counts,
+totals, engine seconds per video, a contact sheet of posters); `turbo-batch report` prints the
+same summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from tasks.generate import GenerateOutput
     from tasks.manifest import ManifestRow, RowError
 
-__all__ = ["COLUMNS", "STATUSES", "MetricsRow", "metrics_frame", "publish_artifacts", "read_metrics",
+__all__ = ["COLUMNS", "STATUSES", "MetricsRow", "metrics_frame", "publish_artifacts",
            "summary", "summary_markdown", "write_metrics"]
 
 COLUMNS: dict[str, pl.DataType] = {
@@ -151,10 +152,13 @@ def metrics_frame(rows: Iterable[Mapping[str, object] | MetricsRow]) -> pl.DataF
 
 
 def write_metrics(df: pl.DataFrame, sink, prefix: str = "metrics") -> dict[str, str]:
-    """Write metrics.parquet and metrics.csv through the sink; returns their URIs."""
+    """Write metrics.parquet and metrics.csv through the sink; returns their URIs.
+
+    Parquet keeps the raw values; in the CSV a text cell a spreadsheet would run as a formula
+    (`=…`, `+…`, `-…`, `@…`) is written as text (`tasks.text.csv_cell`)."""
     uris = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for ext, write in (("parquet", df.write_parquet), ("csv", df.write_csv)):
+        for ext, write in (("parquet", df.write_parquet), ("csv", _csv_safe(df).write_csv)):
             path = Path(tmp) / f"{prefix}.{ext}"
             write(path)
             ctype = "application/vnd.apache.parquet" if ext == "parquet" else "text/csv"
@@ -164,7 +168,23 @@ def write_metrics(df: pl.DataFrame, sink, prefix: str = "metrics") -> dict[str, 
     return uris
 
 
-def summary(df: pl.DataFrame) -> dict[str, float]:
+def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` with every text cell passed through `csv_cell` (for metrics.csv only)."""
+    from tasks.text import csv_cell
+    text_columns = [name for name, dtype in df.schema.items() if dtype == pl.String]
+    return df.with_columns(pl.Series(name, [csv_cell(v) for v in df[name].to_list()], dtype=pl.String)
+                           for name in text_columns)
+
+
+def engine_label(df: pl.DataFrame) -> str:
+    """The unit of engine time: "GPU-s", or "engine-s" when every row that reports where it
+    generated (`gpu`) ran on the CPU (tests, the tiny presets)."""
+    devices = df["gpu"].drop_nulls() if "gpu" in df.columns else pl.Series([], dtype=pl.String)
+    return "engine-s" if devices.len() and bool(devices.str.starts_with("cpu").all()) else "GPU-s"
+
+
+def summary(df: pl.DataFrame) -> dict[str, Any]:
+    """Counts per status, engine time (`gpu_seconds`, in `engine_label` units), output bytes."""
     counts = {s: int((df["status"] == s).sum()) for s in STATUSES}
     done = df.filter(pl.col("status") == "succeeded")
     gpu_s = float(done.select(sum(pl.col(c).fill_null(0) for c in GPU_STAGES)).to_series().sum()) \
@@ -175,28 +195,91 @@ def summary(df: pl.DataFrame) -> dict[str, float]:
         "gpu_seconds_per_video": gpu_s / done.height if done.height else 0.0,
         "total_seconds": float(done["t_total_s"].fill_null(0).sum()) if done.height else 0.0,
         "bytes": int(done["bytes"].fill_null(0).sum()) if done.height else 0,
+        "engine_label": engine_label(df),
     }
 
 
-def summary_markdown(df: pl.DataFrame, title: str = "turbo-batch run") -> str:
+CONTACT_SHEET_COLUMNS = 4      # poster thumbnails per row of the contact sheet
+
+
+def summary_markdown(df: pl.DataFrame, title: str = "turbo-batch run", *, contact_sheet: bool = False) -> str:
+    """The summary table; with `contact_sheet`, a grid of posters linked to their videos; then
+    the rows that did not succeed, each with its error. Every user value goes through `shown`."""
+    from tasks.text import shown
     s = summary(df)
+    unit = s["engine_label"]
     lines = [
-        f"# {title}", "",
-        "| rows | succeeded | skipped | failed | invalid | GPU-s total | GPU-s per video | output MB |",
+        f"# {shown(title)}", "",
+        f"| rows | succeeded | skipped | failed | invalid | {unit} total | {unit} per video | output MB |",
         "|---|---|---|---|---|---|---|---|",
         f"| {s['rows']} | {s['succeeded']} | {s['skipped']} | {s['failed']} | {s['invalid']} | "
         f"{s['gpu_seconds']:.1f} | {s['gpu_seconds_per_video']:.2f} | {s['bytes'] / 1e6:.1f} |",
     ]
+    if contact_sheet:
+        lines += contact_sheet_lines(df)
     bad = df.filter(pl.col("status").is_in(["failed", "invalid"]))
     if bad.height:
         lines += ["", "## Rows that did not succeed", ""]
-        lines += [f"- row {r['row']} `{r['id']}` ({r['status']}): {r['error']}"
+        lines += [f"- row {r['row']} {_md_code(shown(r['id']))} ({r['status']}): {_md_code(shown(r['error']))}"
                   for r in bad.iter_rows(named=True)]
     return "\n".join(lines) + "\n"
 
 
+def contact_sheet_lines(df: pl.DataFrame, columns: int = CONTACT_SHEET_COLUMNS) -> list[str]:
+    """Markdown table of the succeeded and skipped rows' posters, `columns` to a table row; each
+    poster links to its video (the presigned URL when there is one, else the output URI)."""
+    done = df.filter(pl.col("status").is_in(["succeeded", "skipped"]))
+    if not done.height:
+        return []
+    cells = [_contact_cell(r) for r in done.iter_rows(named=True)]
+    width = min(columns, len(cells))
+    cells += [""] * (-len(cells) % width)
+    lines = ["", "## Contact sheet", "", "|" + " |" * width, "|" + "---|" * width]
+    lines += ["| " + " | ".join(cells[i:i + width]) + " |" for i in range(0, len(cells), width)]
+    return lines
+
+
+def _contact_cell(r: Mapping[str, Any]) -> str:
+    from tasks.text import shown
+    label = _md_text(shown(r["id"]))
+    if r["status"] == "skipped":
+        label += " (skipped)"
+    video = r["presigned_url"] or _as_uri(r["output_uri"])
+    poster = _as_uri(r["poster_uri"])
+    picture = f"![{label}]({_md_url(poster)})" if poster else label
+    return (f"[{picture}]({_md_url(video)})" if video else picture) + f"<br>{label}"
+
+
+def _as_uri(location: str | None) -> str | None:
+    """A URI as is; a bare local path as file://."""
+    if not location or "://" in location:
+        return location
+    return Path(location).resolve().as_uri()
+
+
+def _md_url(url: str) -> str:
+    """A link destination markdown keeps whole: spaces, parentheses, pipes, brackets encoded."""
+    from urllib.parse import quote
+    return quote(url, safe="/:?#@!$&'*+,;=%~")
+
+
+def _md_text(text: str) -> str:
+    """Text shown literally in markdown (also inside a table cell or a link's brackets)."""
+    import re
+    return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", text)
+
+
+def _md_code(text: str) -> str:
+    """`text` as an inline code span, shown literally whatever backticks it holds."""
+    import re
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def publish_artifacts(df: pl.DataFrame, key: str = "turbo-batch-metrics") -> None:
-    """Table + markdown artifacts on the current Prefect run (no-op outside a run)."""
+    """Table + markdown artifacts on the current Prefect run (no-op outside a run); the markdown
+    one is the summary with a contact sheet of the posters."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.context import get_run_context
     try:
@@ -205,17 +288,6 @@ def publish_artifacts(df: pl.DataFrame, key: str = "turbo-batch-metrics") -> Non
         return
     table = [{k: v for k, v in r.items() if v is not None} for r in df.iter_rows(named=True)]
     create_table_artifact(table=table, key=key, description="per-row metrics")
-    create_markdown_artifact(markdown=summary_markdown(df), key=f"{key}-summary",
+    create_markdown_artifact(markdown=summary_markdown(df, contact_sheet=True), key=f"{key}-summary",
                              description="batch summary")
 
-
-def read_metrics(location: str | Path) -> pl.DataFrame:
-    """metrics.parquet from a folder, a file path or an s3:// prefix."""
-    loc = str(location)
-    if loc.startswith("s3://"):
-        from tasks.upload import sink_from_uri
-        data = sink_from_uri(loc).read_bytes("metrics.parquet")
-        assert data is not None     # missing_ok=False: a missing key raises
-        return pl.read_parquet(io.BytesIO(data))
-    p = Path(loc)
-    return pl.read_parquet(p / "metrics.parquet" if p.is_dir() else p)
