@@ -29,6 +29,7 @@ from bench.report import print_table, write_results  # noqa: E402
 from engine import loading  # noqa: E402
 from engine.attention import AttentionSpec, resolve_attention  # noqa: E402
 from engine.config import WanConfig, latent_shape  # noqa: E402
+from engine.registry import get_model  # noqa: E402
 from engine.sampler import rcm_sample  # noqa: E402
 from engine.t2v import prepare_vae_for_device  # noqa: E402
 from engine.umt5 import HashTokenizer, TextEncoder, UMT5Encoder  # noqa: E402
@@ -214,7 +215,7 @@ def drop_page_cache() -> bool:
 def bench_cold_start(cfg: WanConfig, tmp: Path) -> dict[str, object]:
     spec = AttentionSpec(type=resolve_attention("sla", DEV), topk=0.1)
     dit = loading.build_random(lambda: WanDiT(cfg, spec), seed=0, device=DEV, dtype=DT)
-    path = tmp / (cfg.files.dit or f"{cfg.name}.pth")
+    path = tmp / get_model(cfg.name).file("dit").name
     torch.save(dit.state_dict(), path)
     dit = None  # noqa: F841  (free before the next model)
     free()

@@ -64,7 +64,6 @@ def run_plain_loop(manifest: Path, out: Path) -> float:
 
 
 def run_flow(manifest: Path, out: Path) -> tuple[float, dict[str, float]]:
-    import polars as pl
 
     from flows.batch import batch_flow
 
@@ -73,7 +72,9 @@ def run_flow(manifest: Path, out: Path) -> tuple[float, dict[str, float]]:
     wall = time.perf_counter() - t
     if result["succeeded"] != result["rows"]:
         raise SystemExit(f"benchmark run had failures: {result}")
-    df = pl.read_parquet(out / "metrics.parquet")
+    from tasks.runs import read_run_metrics
+    from tasks.upload import LocalSink
+    df = read_run_metrics(LocalSink(out))
     return wall, {c: float(df[c].sum()) for c in STAGES}
 
 

@@ -100,7 +100,9 @@ def measure(env: dict[str, str], root: Path, gpus: int, args: argparse.Namespace
     write_manifest(manifest, args.rows, args.model, args.frames, args.resolution, tag)
     sink = root / f"out-{tag}"
     wall = run_batch(env, manifest, sink, gpus, args.max_rows_per_shard)
-    df = pl.read_parquet(sink / "metrics.parquet")
+    from tasks.runs import read_run_metrics
+    from tasks.upload import LocalSink
+    df = read_run_metrics(LocalSink(sink))
     if set(df["status"]) != {"succeeded"}:
         raise SystemExit(f"not every row succeeded: {df['status'].value_counts()}")
     busy: dict[str, float] = defaultdict(float)

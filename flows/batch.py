@@ -3,10 +3,15 @@
 `launch="local"` runs each shard as a subflow in this process (the CLI's `turbo-batch run`);
 `launch="deployments"` starts each shard as a flow run of the `gpu-shard` deployment on the GPU
 pool and waits for all of them, resubmitting shards that crash (see flows/fanout.py).
+
+Each run has a folder in the sink (tasks/runs.py): the validated manifest the shards read their
+rows from, and the run's metrics; `runs/latest.json` points at the newest.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -14,20 +19,25 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import fanout
 from tasks.manifest import Manifest, read_manifest
-from tasks.metrics import MetricsRow, metrics_frame, publish_artifacts, summary, summary_markdown, write_metrics
+from tasks.metrics import MetricsRow, metrics_frame, publish_artifacts, summary, summary_markdown
 from tasks.planning import plan_shards
+from tasks.runs import RunFolder, save_manifest, write_run_metrics
 from tasks.upload import sink_from_uri
+
+# Where a run's metrics are written first, and stay when the sink refuses them.
+LOCAL_RUNS = Path.home() / ".cache" / "turbo-batch" / "runs"
 
 
 @task(name="read-manifest", cache_policy=NO_CACHE)
 def load_manifest(manifest: str, run_params: dict[str, Any], strict: bool,
-                  allow_https: bool, validated: str | None = None) -> Manifest:
+                  allow_https: bool, validated: str | None = None, ignore_unknown: bool = False) -> Manifest:
     """Read and validate the manifest, or take the caller's validated copy (the CLI's) unread.
 
     Local inputs are decoded here, once; remote ones by the fetch stage on the GPU host."""
     if validated is not None:
         return Manifest.load(validated)
-    return read_manifest(manifest, run_params=run_params, strict=strict, allow_https=allow_https)
+    return read_manifest(manifest, run_params=run_params, strict=strict, allow_https=allow_https,
+                         ignore_unknown=ignore_unknown)
 
 
 @flow(name="batch", log_prints=True)
@@ -45,40 +55,56 @@ def batch_flow(
     checkpoints_dir: str | None = None,
     random_weights: bool = False,
     validated: str | None = None,
+    ignore_unknown: bool = False,
 ) -> dict[str, Any]:
     """`validated`: a file written by `Manifest.save` (the CLI validates before it starts a server);
     the manifest is then not read a second time."""
     log = get_run_logger()
-    m = load_manifest(manifest, run_params or {}, strict, allow_https, validated)
+    m = load_manifest(manifest, run_params or {}, strict, allow_https, validated, ignore_unknown)
     for w in m.warnings:
         log.warning("%s", w)
     for e in m.errors:
         log.error("invalid %s", e)
 
-    if gpus is not None:
+    if launch == "deployments":   # one live worker per GPU on the shard deployment's pool; none: fail now
+        pickup_timeout_s = fanout.pickup_timeout_from_env(os.environ)
+        live_workers = fanout.require_live_workers(shard_deployment)
+        n_gpus = gpus if gpus is not None else live_workers
+    elif gpus is not None:
         n_gpus = gpus
-    elif launch == "deployments":   # one online worker per GPU on the shard deployment's pool
-        n_gpus = fanout.pool_worker_count(shard_deployment)
     else:
         n_gpus = fanout.local_gpu_count()
     shards = plan_shards(m.rows, gpus=max(n_gpus, 1), max_rows=max_rows_per_shard)
     log.info("%d valid rows, %d invalid, %d shards", len(m.rows), len(m.errors), len(shards))
-    specs = [fanout.ShardSpec(index=s.index, rows=s.rows) for s in shards]
-    common = {"sink": sink, "checkpoints_dir": checkpoints_dir, "random_weights": random_weights}
+    out = sink_from_uri(sink)
+    run = RunFolder.new(_run_id())
+    position = {id(r): i for i, r in enumerate(m.rows)}
+    specs = [fanout.ShardSpec(index=s.index, rows=s.rows, positions=[position[id(r)] for r in s.rows])
+             for s in shards]
+    common = {"sink": sink, "manifest": save_manifest(out, run, m), "checkpoints_dir": checkpoints_dir,
+              "random_weights": random_weights}
     if launch == "local":
+        from flows import interrupt
         from flows.shard import gpu_shard, new_engine  # here: a CPU-pool batch needs no torch
-        results = fanout.run_local(gpu_shard, specs, common, n_gpus,
-                                   engine=new_engine(checkpoints_dir, random_weights) if n_gpus <= 1 else None)
+        with interrupt.rows_scope():   # the CLI's Ctrl-C/SIGTERM, between shards too
+            results = fanout.run_local(gpu_shard, specs, common, n_gpus,
+                                       engine=new_engine(checkpoints_dir, random_weights) if n_gpus <= 1 else None)
     elif launch == "deployments":
-        results = fanout.run_deployments(shard_deployment, specs, common,
-                                         max_attempts=max_shard_attempts)
+        results = fanout.run_deployments(shard_deployment, specs, common, max_attempts=max_shard_attempts,
+                                         pickup_timeout_s=pickup_timeout_s)
     else:
         raise ValueError(f"launch={launch!r}: expected 'local' or 'deployments'")
 
     invalid = [MetricsRow.invalid(e).as_dict() for e in m.errors]
     df = metrics_frame(invalid + results)
-    uris = write_metrics(df, sink_from_uri(sink))
+    uris = write_run_metrics(df, out, run, LOCAL_RUNS)
     publish_artifacts(df)
     print(summary_markdown(df))
     problems = [f"row {r['row']} ({r['id']}): {r['error']}" for r in results if r["status"] in ("failed", "invalid")]
-    return {**summary(df), "metrics": uris, "problems": problems}
+    return {**summary(df), "metrics": uris, "run": run.name, "problems": problems}
+
+
+def _run_id() -> str | None:
+    from prefect.context import FlowRunContext
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else None

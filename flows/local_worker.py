@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows import interrupt
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENTRYPOINT = "flows.shard:gpu_shard"
@@ -261,9 +263,23 @@ def _collect(queue: ShardQueue, by_name: dict[str, Any], workers: list[_Worker],
                 reported.add(r.id)
                 on_row(r.id, "failed")
 
+    forwarded = False
     while len(results) < len(by_name):
         pass_on_progress()
         take_done()
+        if interrupt.requested() and not forwarded:
+            # Ctrl-C here: shards nobody took are not started; the workers (own sessions, so the
+            # terminal's signal does not reach them) finish their running rows and stop.
+            forwarded = True
+            for name in sorted(queue.todo_names()):
+                try:
+                    (queue.todo / name).unlink()
+                except FileNotFoundError:   # a worker took it just now
+                    continue
+                results[name] = by_name[name].not_started_rows()
+            for w in workers:
+                if w.proc.poll() is None:
+                    w.proc.send_signal(signal.SIGINT)
         for w in workers:
             if w.exit is None and w.proc.poll() is not None:
                 w.exit = w.proc.returncode
@@ -350,7 +366,7 @@ def serve(queue: ShardQueue, worker: str, shard_flow: Callable[..., Any]) -> int
     unsubscribe = progress.subscribe(writer)
     ran = 0
     try:
-        while (claimed := queue.claim(worker)) is not None:
+        while not interrupt.requested() and (claimed := queue.claim(worker)) is not None:
             params = json.loads(claimed.read_text())
             run = shard_flow
             if hasattr(run, "with_options"):     # a Prefect flow: name its run after the shard
@@ -377,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"shard flow, module:function or file.py:function (default {DEFAULT_ENTRYPOINT})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s {args.name} %(name)s: %(message)s")
+    interrupt.arm()        # SIGINT from the parent: finish the running rows, claim no more
     serve(ShardQueue(Path(args.queue)), args.name, load_entrypoint(args.entrypoint))
     return 0
 

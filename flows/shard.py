@@ -1,10 +1,11 @@
 """GPU shard flow: one Engine (warm models) on one GPU, one task run per row stage.
 
-Rows arrive as plain dicts (flow parameters must be JSON). Each row runs its mode's stages
-(`tasks.rows.MODE_STAGES`: fetch → [pose] → identify → generate → deliver); the row's output key
-is computed here, on the host that generates, from the checkpoint files it actually loads.
-The returned metrics rows are persisted so the parent batch flow can read them, and a table
-artifact is written per shard.
+Rows arrive by reference: `manifest` is the sink key of the batch's validated manifest
+(tasks/runs.py) and `rows` their positions in it, so flow-run parameters stay small whatever the
+prompts hold. Each row runs its mode's stages (`tasks.rows.MODE_STAGES`: fetch → [pose] →
+identify → generate → deliver); the row's output key is computed here, on the host that
+generates, from the checkpoint files it actually loads. The returned metrics rows are persisted
+so the parent batch flow can read them, and a table artifact is written per shard.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from engine.family import Engine
 from engine.settings import EngineSettings
-from flows import progress
+from flows import interrupt, progress
 from tasks.fetch import FetchSettings
-from tasks.manifest import ManifestRow
 from tasks.metrics import metrics_frame, publish_artifacts
 from tasks.rows import RowRunner
+from tasks.runs import load_rows
 from tasks.upload import sink_from_uri
 
 __all__ = ["gpu_shard", "new_engine"]
@@ -39,20 +40,28 @@ def new_engine(checkpoints_dir: str | None = None, random_weights: bool = False)
 
 @flow(name="gpu-shard", persist_result=True, log_prints=True,
       task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]  # Prefect's own hints
-def gpu_shard(rows: list[dict], sink: str, shard: int = 0, attempt: int = 1,
+def gpu_shard(manifest: str, rows: list[int], sink: str, shard: int = 0, attempt: int = 1,
               checkpoints_dir: str | None = None, random_weights: bool = False,
               engine: Engine | None = None) -> list[dict]:
     """`engine`: a warm Engine the caller keeps across shards (local runs); a deployed shard
-    process makes its own."""
+    process makes its own. TURBO_KEEP_WORK=1 keeps the rows' work folders."""
+    out = sink_from_uri(sink)
+    items = load_rows(out, manifest, rows)
     engine = engine or new_engine(checkpoints_dir, random_weights)
     work_root = Path(tempfile.mkdtemp(prefix=f"turbo-shard{shard}-"))
-    runner = RowRunner(engine, sink_from_uri(sink), work_root, FetchSettings.from_env(os.environ),
-                       attempt=attempt, on_done=progress.row_done)
+    keep = os.environ.get("TURBO_KEEP_WORK") == "1"
+    runner = RowRunner(engine, out, work_root, FetchSettings.from_env(os.environ), attempt=attempt,
+                       on_done=progress.row_done, keep_work=keep)
     try:
-        for i, raw in enumerate(rows):
-            runner.run(ManifestRow(**raw), expected_rows=len(rows) - i)
-        metrics = [m.as_dict() for m in runner.finish()]
+        with interrupt.rows_scope():
+            for i, row in enumerate(items):
+                if interrupt.requested():
+                    runner.not_started(row)
+                else:
+                    runner.run(row, expected_rows=len(items) - i)
+            metrics = [m.as_dict() for m in runner.finish()]
     finally:
-        shutil.rmtree(work_root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work_root, ignore_errors=True)
     publish_artifacts(metrics_frame(metrics), key=f"shard-{shard}-metrics")
     return metrics

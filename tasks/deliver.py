@@ -8,7 +8,6 @@ the row, GPU work included, when every output it lists still exists with that si
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +65,6 @@ def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink,
     meta = {"key": key, "width": out.width, "height": out.height, "frames": out.frames, "fps": out.fps}
     results, written = (upload or run_upload_outputs)([Path(p) for p in files], key, sink, meta)
     t3 = time.perf_counter()
-    shutil.rmtree(work, ignore_errors=True)
     video = results[".mp4"]
     return DeliverOutput(
         width=out.width, height=out.height, frames=out.frames, fps=out.fps,

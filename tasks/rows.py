@@ -31,6 +31,7 @@ from tasks.generate import GenerateOutput, generate
 from tasks.identity import row_key
 from tasks.manifest import ManifestRow
 from tasks.metrics import MetricsRow
+from tasks.text import shown
 from tasks.upload import Sink
 
 __all__ = ["MODE_STAGES", "RowRunner", "check_completed"]
@@ -72,6 +73,7 @@ class RowRunner:
     attempt: int = 1
     on_done: Callable[[str, str], None] = lambda row_id, status: None
     overlap: bool = True                      # False: wait for each delivery (CPU generation)
+    keep_work: bool = False                   # keep each row's work folder (debugging)
     results: list[MetricsRow] = field(default_factory=list)
     _pending: list[_Row] = field(default_factory=list)
 
@@ -92,6 +94,12 @@ class RowRunner:
             if done:
                 return
         self._collect(keep=1 if self.overlap and not state.metrics.gpu_is_cpu else 0)
+
+    def not_started(self, row: ManifestRow) -> None:
+        """The run was stopped (Ctrl-C, SIGTERM) before this row began."""
+        self.results.append(MetricsRow.start(row, self.attempt).failed(
+            "interrupted", "not started: the run was stopped before this row"))
+        self.on_done(row.id, "failed")
 
     def finish(self) -> list[MetricsRow]:
         """Wait for the deliveries still running; every row's metrics."""
@@ -121,6 +129,8 @@ class RowRunner:
         s.generated = generate(s.row, s.work, self.engine, s.spec,
                                inputs=s.inputs.files if s.inputs else None, expected_rows=expected_rows)
         s.metrics.generated(s.generated)
+        for warning in s.generated.warnings:      # e.g. a prompt truncated to the encoder's length
+            log.warning("row %s (%s): %s", s.row.row, shown(s.row.id), warning)
         return False
 
     def _deliver(self, s: _Row, _: int) -> bool:
@@ -146,6 +156,7 @@ class RowRunner:
             self._finish(s, s.metrics)
 
     def _finish(self, s: _Row, metrics: MetricsRow) -> None:
-        shutil.rmtree(s.work, ignore_errors=True)
+        if not self.keep_work:
+            shutil.rmtree(s.work, ignore_errors=True)
         self.results.append(metrics)
         self.on_done(s.row.id, metrics.status)

@@ -30,10 +30,11 @@ from engine.registry import get_model
 from engine.umt5 import UMT5Encoder
 from engine.wan_dit import WanDiT
 from engine.wan_vae import WanVAE
-from flows.shard import gpu_shard, new_engine
+from flows.shard import new_engine
 from tasks.manifest import ManifestRow
 from tasks.planning import plan_shards
 from tests.s3server import _write_tls_material, run_s3_server
+from tests.shards import run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = WanConfig.from_name("tiny-t2v")
@@ -55,7 +56,7 @@ def test_rows_differing_only_in_topk_share_one_shard_one_load_and_differ(tmp_pat
     assert len(shards) == 1 and len(shards[0].rows) == 2
 
     engine = new_engine()
-    out = gpu_shard(rows=rows, sink=str(tmp_path / "out"), engine=engine)
+    out = run_shard(rows, sink=str(tmp_path / "out"), engine=engine)
     assert [m["status"] for m in out] == ["succeeded", "succeeded"]
     assert engine.cache.loads == 1
     assert out[0]["sha256"] != out[1]["sha256"]
@@ -121,7 +122,7 @@ def test_s3_watermark_and_https_audio_are_fetched_checked_and_used(tmp_path, s3,
     s3.client().upload_file(str(REPO / "examples" / "logo.png"), bucket, "in/logo.png")
     _tone(served / "tone.wav")
     rows = [_row(1, watermark=f"s3://{bucket}/in/logo.png", audio=f"{base}/tone.wav")]
-    [m] = gpu_shard(rows=rows, sink=str(tmp_path / "out"))
+    [m] = run_shard(rows, sink=str(tmp_path / "out"))
     assert m["status"] == "succeeded", m["error"]
     assert m["t_fetch_s"] > 0
     video = Path(m["output_uri"].removeprefix("file://"))
@@ -129,7 +130,7 @@ def test_s3_watermark_and_https_audio_are_fetched_checked_and_used(tmp_path, s3,
 
     # The watermark's bytes are part of the identity: another logo is another row.
     s3.client().upload_file(str(REPO / "examples" / "person.png"), bucket, "in/logo.png")
-    [again] = gpu_shard(rows=rows, sink=str(tmp_path / "out"))
+    [again] = run_shard(rows, sink=str(tmp_path / "out"))
     assert again["status"] == "succeeded" and again["output_uri"] != m["output_uri"]
 
 
@@ -143,7 +144,7 @@ def test_bad_inputs_fail_their_row_before_generation(tmp_path, s3, https_files, 
             _row(3, watermark=f"{base}/missing.png"),                   # 404
             _row(4, watermark=f"s3://{bucket}/nope.png"),               # s3 404
             _row(5)]
-    out = {m["id"]: m for m in gpu_shard(rows=rows, sink=str(tmp_path / "out"))}
+    out = {m["id"]: m for m in run_shard(rows, sink=str(tmp_path / "out"))}
     assert out["r5"]["status"] == "succeeded"
     for rid, needle in (("r1", "allow"), ("r2", "png"), ("r3", "404"), ("r4", "not found")):
         m = out[rid]
@@ -159,7 +160,7 @@ def test_size_limit_is_a_row_error(tmp_path, https_files, remote_env, monkeypatc
     from PIL import Image
     Image.new("RGB", (64, 64), "red").save(served / "big.png")
     monkeypatch.setenv("TURBO_FETCH_MAX_WATERMARK_BYTES", "100")
-    [m] = gpu_shard(rows=[_row(1, watermark=f"{base}/big.png")], sink=str(tmp_path / "out"))
+    [m] = run_shard([_row(1, watermark=f"{base}/big.png")], sink=str(tmp_path / "out"))
     assert m["status"] == "invalid" and "limit" in m["error"]
 
 
@@ -182,15 +183,15 @@ def test_same_checkpoints_skip_a_replaced_checkpoint_regenerates(tmp_path):
     _save_tiny_checkpoints(ckpt)
     rows = [_row(1), _row(2)]
     sink = str(tmp_path / "out")
-    first = gpu_shard(rows=rows, sink=sink, checkpoints_dir=str(ckpt))
+    first = run_shard(rows, sink=sink, checkpoints_dir=str(ckpt))
     assert [m["status"] for m in first] == ["succeeded"] * 2
-    again = gpu_shard(rows=rows, sink=sink, checkpoints_dir=str(ckpt))
+    again = run_shard(rows, sink=sink, checkpoints_dir=str(ckpt))
     assert [m["status"] for m in again] == ["skipped"] * 2
 
     _save_tiny_checkpoints(ckpt, vae_seed=9)                 # a new VAE file under the same name
-    third = gpu_shard(rows=rows, sink=sink, checkpoints_dir=str(ckpt))
+    third = run_shard(rows, sink=sink, checkpoints_dir=str(ckpt))
     assert [m["status"] for m in third] == ["succeeded"] * 2
     assert {m["output_uri"] for m in third}.isdisjoint(m["output_uri"] for m in first)
     # Random weights are another model again (no checkpoint folder).
-    fourth = pl.DataFrame(gpu_shard(rows=rows, sink=sink))
+    fourth = pl.DataFrame(run_shard(rows, sink=sink))
     assert set(fourth["status"]) == {"succeeded"}

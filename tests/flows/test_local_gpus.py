@@ -67,7 +67,6 @@ def alive(pid: int) -> bool:
 
 # -- the CLI ------------------------------------------------------------------------------------
 def test_gpus_2_runs_shards_on_two_pinned_workers(tmp_path):
-    import polars as pl
 
     manifest = write_manifest(tmp_path / "m.csv", 4)
     out = tmp_path / "out"
@@ -77,7 +76,8 @@ def test_gpus_2_runs_shards_on_two_pinned_workers(tmp_path):
                          env=cli_env(tmp_path / "tmp"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert not list((tmp_path / "tmp").glob("turbo-queue-*")), "the queue folder is removed"
-    df = pl.read_parquet(out / "metrics.parquet")
+    from tests.shards import latest_metrics
+    df = latest_metrics(out)
     assert sorted(df["id"]) == ["r0", "r1", "r2", "r3"]
     assert set(df["status"]) == {"succeeded"}
     assert set(df["gpu"]) == {"cpu (CUDA_VISIBLE_DEVICES=0)", "cpu (CUDA_VISIBLE_DEVICES=1)"}
@@ -121,7 +121,7 @@ def new_engine(checkpoints_dir: str | None = None) -> dict:
     return {"made_ns": time.monotonic_ns(), "checkpoints_dir": checkpoints_dir}
 
 
-def fake_shard(rows: list[dict], shard: int, engine: dict | None = None, **_: object) -> list[dict]:
+def fake_shard(rows: list[int], shard: int, engine: dict | None = None, **_: object) -> list[dict]:
     """Stand-in shard flow, run inside the worker processes: dies on the shards FAKE_SHARD_DIE names."""
     from flows import progress
 
@@ -129,9 +129,10 @@ def fake_shard(rows: list[dict], shard: int, engine: dict | None = None, **_: ob
     if die == "all" or str(shard) in die.split(","):
         os._exit(3)
     out = []
-    for r in rows:
-        progress.row_done(r["id"], "succeeded")
-        out.append({"id": r["id"], "status": "succeeded", "gpu": os.environ["CUDA_VISIBLE_DEVICES"],
+    for position in rows:                # rows travel as positions in the run's manifest
+        row_id = f"r{position}"
+        progress.row_done(row_id, "succeeded")
+        out.append({"id": row_id, "status": "succeeded", "gpu": os.environ["CUDA_VISIBLE_DEVICES"],
                     "engine": engine})
     return out
 
@@ -147,7 +148,7 @@ def specs(n: int) -> list:
     from tasks.manifest import ManifestRow
 
     return [ShardSpec(index=i, rows=[ManifestRow(row=i + 1, id=f"r{i}", mode="t2v", prompt="p",
-                                                 model="tiny-t2v", num_frames=5)])
+                                                 model="tiny-t2v", num_frames=5)], positions=[i])
             for i in range(n)]
 
 

@@ -7,7 +7,6 @@ in-process against a real S3-protocol server behind TLS.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import pytest
 
 from engine.config import TINY_SIZES
 from tasks.manifest import read_manifest
+from tests.shards import latest_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -60,8 +60,9 @@ def test_readme_command_then_rerun_then_one_changed_seed(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
 
     rows = list(csv.DictReader((EXAMPLES / "tiny.csv").open()))
-    df = pl.read_parquet(out / "metrics.parquet")
-    assert (out / "metrics.csv").is_file()
+    df = latest_metrics(out)
+    [run_dir] = (out / "runs").glob("*-*/")
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "manifest.json").is_file()
     assert sorted(df["id"]) == sorted(r["id"] for r in rows)
     assert set(df["status"]) == {"succeeded"}
     for row in rows:
@@ -82,7 +83,7 @@ def test_readme_command_then_rerun_then_one_changed_seed(tmp_path):
     before = mp4_mtimes(out)
     again = turbo_batch("run", str(EXAMPLES / "tiny.csv"), "--out", str(out))
     assert again.returncode == 0, again.stderr[-3000:]
-    df2 = pl.read_parquet(out / "metrics.parquet")
+    df2 = latest_metrics(out)
     assert set(df2["status"]) == {"skipped"}
     assert df2.sort("id")["sha256"].to_list() == df.sort("id")["sha256"].to_list()
     assert mp4_mtimes(out) == before
@@ -96,7 +97,7 @@ def test_readme_command_then_rerun_then_one_changed_seed(tmp_path):
         w.writerows(rows)
     third = turbo_batch("run", str(changed), "--out", str(out))
     assert third.returncode == 0, third.stderr[-3000:]
-    df3 = pl.read_parquet(out / "metrics.parquet")
+    df3 = latest_metrics(out)
     assert df3.filter(pl.col("status") == "succeeded")["id"].to_list() == [rows[0]["id"]]
     assert df3.filter(pl.col("status") == "skipped").height == len(rows) - 1
     new = set(mp4_mtimes(out)) - set(before)
@@ -115,7 +116,7 @@ def test_bad_rows_are_reported_exactly_and_good_rows_succeed(tmp_path):
     assert run.returncode == 1, run.stderr[-3000:]
     for err in manifest.errors:
         assert f"invalid {err}" in run.stderr
-    df = pl.read_parquet(out / "metrics.parquet")
+    df = latest_metrics(out)
     good = df.filter(pl.col("status") == "succeeded")
     assert sorted(good["id"]) == sorted(r.id for r in manifest.rows)
     invalid = df.filter(pl.col("status") == "invalid")
@@ -174,8 +175,9 @@ def test_s3_sink_presigned_links_and_no_secret_anywhere(tmp_path, s3, monkeypatc
 
     client = s3.client()
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert {"run/metrics.parquet", "run/metrics.csv"} <= keys
-    df = pl.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key="run/metrics.parquet")["Body"].read()))
+    [run_key] = [k for k in keys if k.startswith("run/runs/") and k.endswith("/metrics.parquet")]
+    assert run_key.replace(".parquet", ".csv") in keys and "run/runs/latest.json" in keys
+    df = pl.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key=run_key)["Body"].read()))
     ctx = ssl.create_default_context(cafile=str(s3.ca_path))
     for m in df.iter_rows(named=True):
         assert m["output_uri"].startswith(f"s3://{bucket}/run/") and m["output_uri"][len(f"s3://{bucket}/"):] in keys
@@ -187,7 +189,8 @@ def test_s3_sink_presigned_links_and_no_secret_anywhere(tmp_path, s3, monkeypatc
     # The secret appears in no log record, metrics cell, Prefect log or artifact.
     secret = s3.secret_access_key
     assert secret not in caplog.text
-    assert secret.encode() not in client.get_object(Bucket=bucket, Key="run/metrics.csv")["Body"].read()
+    csv_key = run_key.replace(".parquet", ".csv")
+    assert secret.encode() not in client.get_object(Bucket=bucket, Key=csv_key)["Body"].read()
 
     async def server_side_text() -> str:
         async with get_client() as c:
@@ -206,17 +209,18 @@ def test_s3_sink_presigned_links_and_no_secret_anywhere(tmp_path, s3, monkeypatc
 
 
 def test_second_run_hits_text_cache_and_loads_no_text_encoder(tmp_path, monkeypatch):
-    from flows.shard import gpu_shard, new_engine
+    from flows.shard import new_engine
     from tasks.manifest import read_manifest
+    from tests.shards import run_shard
 
     monkeypatch.setenv("TURBO_EMBED_CACHE", str(tmp_path / "text-cache"))
-    rows = [dataclasses.asdict(r) for r in read_manifest(small_manifest(tmp_path, n=3)).rows]
-    df1 = pl.DataFrame(gpu_shard(rows=rows, sink=str(tmp_path / "a")))
+    rows = read_manifest(small_manifest(tmp_path, n=3)).rows
+    df1 = pl.DataFrame(run_shard(rows, sink=str(tmp_path / "a")))
     assert df1["status"].to_list() == ["succeeded"] * 3
     assert df1["text_cache_hit"].to_list() == [False] * 3
 
     engine = new_engine()                  # a fresh worker process: nothing warm
-    df2 = pl.DataFrame(gpu_shard(rows=rows, sink=str(tmp_path / "b"), engine=engine))
+    df2 = pl.DataFrame(run_shard(rows, sink=str(tmp_path / "b"), engine=engine))
     assert df2["text_cache_hit"].to_list() == [True] * 3
     [pipe] = engine.cache.values()
     assert pipe.text_encoder_loads == 0
@@ -225,16 +229,15 @@ def test_second_run_hits_text_cache_and_loads_no_text_encoder(tmp_path, monkeypa
 
 
 def test_postprocess_failure_fails_only_that_row(tmp_path):
-    from dataclasses import asdict
 
-    from flows.shard import gpu_shard
     from tasks.manifest import ManifestRow
+    from tests.shards import run_shard
 
     good = ManifestRow(row=1, id="good", mode="t2v", prompt="a", model="tiny-t2v", num_frames=5)
     # Validation would refuse a missing watermark file; here it vanished after validation.
     bad = ManifestRow(row=2, id="bad", mode="t2v", prompt="b", model="tiny-t2v", num_frames=5,
                       watermark=str(tmp_path / "gone.png"))
-    rows = gpu_shard(rows=[asdict(bad), asdict(good)], sink=str(tmp_path / "out"))
+    rows = run_shard([bad, good], sink=str(tmp_path / "out"))
     by_id = {r["id"]: r for r in rows}
     assert by_id["good"]["status"] == "succeeded"
     assert by_id["bad"]["status"] in ("failed", "invalid") and "gone.png" in by_id["bad"]["error"]
