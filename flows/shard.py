@@ -2,8 +2,8 @@
 
 Rows arrive by reference: `manifest` is the sink key of the batch's validated manifest
 (tasks/runs.py) and `rows` their positions in it, so flow-run parameters stay small whatever the
-prompts hold. Each row runs its mode's stages (`tasks.rows.MODE_STAGES`: fetch → [pose] →
-identify → generate → deliver); the row's output key is computed here, on the host that
+prompts hold. Each row runs its mode's stages (`MODE_STAGES` below: fetch → [pose] → identify →
+generate → deliver); the row's output key is computed here, on the host that
 generates, from the checkpoint files it actually loads. The returned metrics rows are persisted
 so the parent batch flow can read them, and a table artifact is written per shard.
 """
@@ -27,7 +27,15 @@ from tasks.rows import RowRunner
 from tasks.runs import load_rows
 from tasks.upload import sink_from_uri
 
-__all__ = ["gpu_shard", "new_engine"]
+__all__ = ["MODE_STAGES", "gpu_shard", "new_engine"]
+
+# What a row of each mode goes through, in order. "deliver" is postprocess → validate → upload
+# (+ the record), overlapped with the next row's generation.
+MODE_STAGES: dict[str, tuple[str, ...]] = {
+    "t2v": ("fetch", "identify", "generate", "deliver"),
+    "i2v": ("fetch", "identify", "generate", "deliver"),
+    "dance": ("fetch", "pose", "identify", "generate", "deliver"),
+}
 
 
 def new_engine(checkpoints_dir: str | None = None, random_weights: bool = False) -> Engine:
@@ -50,7 +58,7 @@ def gpu_shard(manifest: str, rows: list[int], sink: str, shard: int = 0, attempt
     engine = engine or new_engine(checkpoints_dir, random_weights)
     work_root = Path(tempfile.mkdtemp(prefix=f"turbo-shard{shard}-"))
     keep = os.environ.get("TURBO_KEEP_WORK") == "1"
-    runner = RowRunner(engine, out, work_root, FetchSettings.from_env(os.environ), attempt=attempt,
+    runner = RowRunner(engine, out, work_root, FetchSettings.from_env(os.environ), MODE_STAGES, attempt=attempt,
                        on_done=progress.row_done, keep_work=keep)
     try:
         with interrupt.rows_scope():

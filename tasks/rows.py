@@ -4,7 +4,8 @@
                                        [pose] → generate ─▶ frames.npy
     in the pool, behind the next row:  deliver = postprocess → validate → upload (+ record)
 
-`MODE_STAGES` lists each mode's stages; the flow (flows/shard.py) only walks the rows. A failing
+The flow (flows/shard.py) holds each mode's list of stages and walks the rows; this module runs
+them. A failing
 stage fails its row and names itself in the error; the shard goes on. Bad input (`InputError`)
 is recorded `invalid`, anything else `failed`. Transient errors were already retried by the
 stage's task (fetch, the completed-check, upload).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +35,12 @@ from tasks.metrics import MetricsRow
 from tasks.text import shown
 from tasks.upload import Sink
 
-__all__ = ["MODE_STAGES", "RowRunner", "check_completed"]
+__all__ = ["STAGES", "RowRunner", "check_completed"]
+
+# The stages a mode's list (flows/shard.py: MODE_STAGES) may name, in the order they can run.
+STAGES = ("fetch", "pose", "identify", "generate", "deliver")
 
 log = logging.getLogger(__name__)
-
-# What each mode runs, in order. "deliver" is postprocess → validate → upload, overlapped with
-# the next row's generation.
-MODE_STAGES: dict[str, tuple[str, ...]] = {
-    "t2v": ("fetch", "identify", "generate", "deliver"),
-    "i2v": ("fetch", "identify", "generate", "deliver"),
-    "dance": ("fetch", "pose", "identify", "generate", "deliver"),
-}
 
 # The skip check reads the row's record from the sink: retried like any other sink read.
 check_completed = task(name="completed", task_run_name="completed-{key}",
@@ -70,6 +66,7 @@ class RowRunner:
     sink: Sink
     work_root: Path
     fetch_settings: FetchSettings
+    stages: Mapping[str, tuple[str, ...]]     # mode -> its stages, from STAGES
     attempt: int = 1
     on_done: Callable[[str, str], None] = lambda row_id, status: None
     overlap: bool = True                      # False: wait for each delivery (CPU generation)
@@ -77,10 +74,15 @@ class RowRunner:
     results: list[MetricsRow] = field(default_factory=list)
     _pending: list[_Row] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        unknown = {s for stages in self.stages.values() for s in stages} - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown row stage(s) {sorted(unknown)}; known: {', '.join(STAGES)}")
+
     def run(self, row: ManifestRow, expected_rows: int) -> None:
         """Every stage of the row up to its delivery, which is left running in the pool."""
         state = _Row(row, MetricsRow.start(row, self.attempt), self.work_root / f"row{row.row}")
-        for stage in MODE_STAGES[row.mode]:
+        for stage in self.stages[row.mode]:
             try:
                 done = getattr(self, f"_{stage}")(state, expected_rows)
             except InputError as e:
