@@ -39,6 +39,7 @@ class DeliverOutput:
     poster_uri: str
     preview_uri: str | None
     presigned_url: str | None
+    poster_presigned_url: str | None
     sha256: str
     bytes: int
     uploaded: int          # objects actually written (0 when everything already existed)
@@ -71,7 +72,8 @@ def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink,
         t_postprocess_s=t1 - t0, t_validate_s=t2 - t1, t_upload_s=t3 - t2,
         output_uri=video.uri, poster_uri=results[".jpg"].uri,
         preview_uri=results[".webp"].uri if ".webp" in results else None,
-        presigned_url=video.presigned_url, sha256=video.sha256, bytes=video.bytes, uploaded=written)
+        presigned_url=video.presigned_url, poster_presigned_url=results[".jpg"].presigned_url,
+        sha256=video.sha256, bytes=video.bytes, uploaded=written)
 
 
 def run_upload_outputs(files: list[Path], key: str, sink: Sink, meta: dict) -> tuple[dict, int]:

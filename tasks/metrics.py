@@ -43,7 +43,8 @@ COLUMNS: dict[str, pl.DataType] = {
     "peak_vram_gb": pl.Float64(), "text_cache_hit": pl.Boolean(),
     # outputs
     "output_uri": pl.String(), "poster_uri": pl.String(), "preview_uri": pl.String(),
-    "presigned_url": pl.String(), "sha256": pl.String(), "bytes": pl.Int64(),
+    "presigned_url": pl.String(), "poster_presigned_url": pl.String(), "sha256": pl.String(),
+    "bytes": pl.Int64(),
 }
 STATUSES = ("succeeded", "failed", "invalid", "skipped")
 GPU_STAGES = ("t_pose_s", "t_text_s", "t_denoise_s", "t_vae_s")
@@ -80,6 +81,7 @@ class MetricsRow:
     poster_uri: str | None = None
     preview_uri: str | None = None
     presigned_url: str | None = None
+    poster_presigned_url: str | None = None      # so the contact sheet shows S3/R2 posters
     sha256: str | None = None
     bytes: int | None = None
 
@@ -115,6 +117,7 @@ class MetricsRow:
         self.t_total_s = (self.t_total_s or 0.0) + out.t_postprocess_s + out.t_validate_s + out.t_upload_s
         self.output_uri, self.poster_uri, self.preview_uri = out.output_uri, out.poster_uri, out.preview_uri
         self.presigned_url, self.sha256, self.bytes = out.presigned_url, out.sha256, out.bytes
+        self.poster_presigned_url = out.poster_presigned_url
         return self
 
     def skipped(self, record: Mapping[str, Any]) -> MetricsRow:
@@ -245,7 +248,7 @@ def _contact_cell(r: Mapping[str, Any]) -> str:
     if r["status"] == "skipped":
         label += " (skipped)"
     video = r["presigned_url"] or _as_uri(r["output_uri"])
-    poster = _as_uri(r["poster_uri"])
+    poster = r.get("poster_presigned_url") or _as_uri(r["poster_uri"])
     picture = f"![{label}]({_md_url(poster)})" if poster else label
     return (f"[{picture}]({_md_url(video)})" if video else picture) + f"<br>{label}"
 

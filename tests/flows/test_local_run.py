@@ -185,6 +185,8 @@ def test_s3_sink_presigned_links_and_no_secret_anywhere(tmp_path, s3, monkeypatc
         local = tmp_path / "dl.mp4"
         local.write_bytes(body)
         assert file_sha256(local) == m["sha256"] and len(body) == m["bytes"]
+        poster = urllib.request.urlopen(m["poster_presigned_url"], context=ctx, timeout=30).read()
+        assert poster[:2] == b"\xff\xd8"              # a JPEG the contact sheet can show
 
     # The secret appears in no log record, metrics cell, Prefect log or artifact.
     secret = s3.secret_access_key
