@@ -81,16 +81,17 @@ class RowRunner:
 
     def run(self, row: ManifestRow, expected_rows: int) -> None:
         """Every stage of the row up to its delivery, which is left running in the pool."""
-        state = _Row(row, MetricsRow.start(row, self.attempt), self.work_root / f"row{row.row}")
+        # By id: unique in a batch and a safe file name (samples of one row share its number).
+        state = _Row(row, MetricsRow.start(row, self.attempt), self.work_root / row.id)
         for stage in self.stages[row.mode]:
             try:
                 done = getattr(self, f"_{stage}")(state, expected_rows)
             except InputError as e:
-                log.error("row %s (%s) has a bad input: %s", row.row, row.id, e)
+                log.error("row %s (%s) has a bad input: %s", row.row, shown(row.id), shown(e, 1000))
                 self._finish(state, state.metrics.failed(stage, e, status="invalid"))
                 return
             except Exception as e:    # this row fails; the shard goes on
-                log.error("row %s (%s) failed in %s: %s", row.row, row.id, stage, e)
+                log.error("row %s (%s) failed in %s: %s", row.row, shown(row.id), stage, shown(e, 1000))
                 self._finish(state, state.metrics.failed(stage, e))
                 return
             if done:
