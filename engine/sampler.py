@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["initial_noise", "rcm_sample", "rcm_timesteps"]
+__all__ = ["expert_schedule", "initial_noise", "rcm_sample", "rcm_timesteps"]
 
 MID_ANGLES = (1.5, 1.4, 1.0)
 
@@ -24,6 +24,15 @@ def rcm_timesteps(sigma_max: float, num_steps: int) -> list[float]:
     """Rectified-flow times t_0 > … > t_{n-1} > 0, with the final 0 appended."""
     angles = [math.atan(sigma_max), *MID_ANGLES][:num_steps] + [0.0]
     return [math.sin(a) / (math.sin(a) + math.cos(a)) for a in angles]
+
+
+def expert_schedule(sigma_max: float, num_steps: int, boundary: float) -> list[str]:
+    """Which expert runs each step of a two-expert model (Wan2.2 A14B): "high" until the first
+    step whose t_cur is below `boundary`, then "low" for the rest (the switch happens once)."""
+    out: list[str] = []
+    for t_cur in rcm_timesteps(sigma_max, num_steps)[:-1]:
+        out.append("low" if out and out[-1] == "low" or t_cur < boundary else "high")
+    return out
 
 
 def initial_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .requests import GenerationRequest, T2VRequest
 from .sampler import rcm_sample
 from .settings import EngineSettings
 from .umt5 import HashTokenizer, TextEncoder, UMT5Encoder, load_tokenizer
-from .wan_dit import WanDiT
+from .wan_dit import WanDiT, adapt_checkpoint
 from .wan_vae import WanVAE
 
 __all__ = ["WanT2VPipeline", "prepare_vae_for_device"]
@@ -65,7 +65,7 @@ class WanT2VPipeline:
         if path is None:
             return cast(WanDiT, loading.build_random(lambda: WanDiT(cfg, spec), seed=WEIGHT_SEED,
                                                      device=self.device, dtype=self.dtype)), "bf16"
-        state = loading.read_state_dict(path)
+        state = adapt_checkpoint(loading.read_state_dict(path))
         quantized = any(k.endswith(".int8_weight") for k in state)
 
         def build() -> WanDiT:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .attention import AttentionSpec, SelfAttentionOp, cross_attention
 from .config import AttentionType, WanConfig
 
-__all__ = ["WanDiT", "apply_rope", "patchify", "rope_cos_sin", "sinusoidal_embedding", "unpatchify"]
+__all__ = ["WanDiT", "adapt_checkpoint", "apply_rope", "patchify", "rope_cos_sin", "sinusoidal_embedding", "unpatchify"]
 
 # ---------------------------------------------------------------------------------------------
 # Norms (fp32 compute, output in the input dtype)
@@ -100,6 +100,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def adapt_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one key remapping the loader does: a Conv3d-shaped `patch_embedding.weight`
+    [dim, C, kt, kh, kw] (original Wan, merged and community files) becomes TurboWan's Linear
+    [dim, C·kt·kh·kw]. Flattening Conv3d's (c, kt, kh, kw) is exactly `patchify`'s feature order,
+    so it is a reshape of the same bytes. Everything else must already match (loading is strict)."""
+    weight = state.get("patch_embedding.weight")
+    if weight is not None and weight.ndim == 5:
+        state = {**state, "patch_embedding.weight": weight.reshape(weight.shape[0], -1)}
+    return state
 
 
 def patchify(x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:

@@ -117,10 +117,22 @@ def test_missing_file_names_every_missing_path(tmp_path):
     assert "README" in msg
 
 
+def test_conv3d_shaped_patch_embedding_is_converted_at_load(ckpt_dir, tmp_path):
+    """Original Wan, merged and community files store patch_embedding as a Conv3d weight
+    [dim, C, 1, 2, 2]; TurboDiffusion's safetensors_to_pth.py only reshapes it to the Linear."""
+    state = torch.load(ckpt_dir / NAMES["dit"].name, weights_only=True)
+    linear = state["patch_embedding.weight"]
+    state["patch_embedding.weight"] = linear.reshape(64, 16, 1, 2, 2).clone()
+    conv = tmp_path / "conv3d.pth"
+    torch.save(state, conv)
+    pipe = _pipeline(_files(ckpt_dir, dit=conv))
+    assert torch.equal(pipe.dit.patch_embedding.weight, linear)
+
+
 @pytest.mark.parametrize("damage, field, needle", [
     ("drop", "missing", "blocks.1.ffn.0.weight"),
     ("extra", "unexpected", "blocks.0.self_attn.extra.weight"),
-    ("shape", "mismatched", "patch_embedding.weight file [64, 16, 1, 2, 2] vs model [64, 64]"),
+    ("shape", "mismatched", "patch_embedding.weight file [64, 32] vs model [64, 64]"),
 ])
 def test_damaged_dit_file_names_file_and_keys(ckpt_dir, tmp_path, damage, field, needle):
     state = torch.load(ckpt_dir / NAMES["dit"].name, weights_only=True)
@@ -128,8 +140,8 @@ def test_damaged_dit_file_names_file_and_keys(ckpt_dir, tmp_path, damage, field,
         del state["blocks.1.ffn.0.weight"]
     elif damage == "extra":
         state["blocks.0.self_attn.extra.weight"] = torch.zeros(2)
-    else:   # the original Wan layout: Conv3d-shaped patch embedding
-        state["patch_embedding.weight"] = state["patch_embedding.weight"].reshape(64, 16, 1, 2, 2)
+    else:   # a patch embedding for another input width
+        state["patch_embedding.weight"] = state["patch_embedding.weight"][:, :32].clone()
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
     with pytest.raises(CheckpointError) as err:
