@@ -33,7 +33,6 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import httpx
-from botocore.config import Config
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -49,7 +48,7 @@ from tasks.inputs import (
     sniff_format,
 )
 from tasks.manifest import ManifestRow
-from tasks.upload import make_s3_client_from_env
+from tasks.upload import make_s3_client_from_env, r2_client_config
 
 __all__ = ["DEFAULT_MAX_BYTES", "FetchSettings", "FetchedInputs", "display_uri", "fetch",
            "make_input_s3_client", "references", "run_fetch"]
@@ -320,16 +319,7 @@ def make_input_s3_client(settings: FetchSettings) -> Any:
     except botocore.exceptions.ProfileNotFound:
         raise InputError(f"input profile {settings.input_profile!r} (TURBO_INPUT_PROFILE) is not "
                          f"in the AWS config files") from None
-    # Copied from tasks.upload.make_s3_client: the R2-friendly client configuration.
-    config = Config(
-        signature_version="s3v4",
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        s3={"addressing_style": "path"},
-        retries={"mode": "standard", "total_max_attempts": 5},
-        connect_timeout=settings.timeout_s,
-        read_timeout=settings.timeout_s,
-    )
+    config = r2_client_config(connect_timeout=settings.timeout_s, read_timeout=settings.timeout_s)
     return session.client("s3", config=config)
 
 

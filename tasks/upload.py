@@ -362,6 +362,21 @@ def r2_credentials(environ: dict[str, str] | None = None) -> R2Credentials:
                          account_id=env.get("R2_ACCOUNT_ID") or None, endpoint_url=env.get("R2_ENDPOINT_URL") or None)
 
 
+def r2_client_config(*, max_attempts: int = 5, connect_timeout: float = 10, read_timeout: float = 60) -> Config:
+    """The botocore configuration every S3/R2 client here uses (sink, manifests, inputs)."""
+    return Config(
+        signature_version="s3v4",  # also for presigned URLs (botocore would otherwise presign SigV2 in us-east-1)
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+        # total_max_attempts counts the first try; botocore's "max_attempts" key would count retries only
+        # (max_attempts=5 sends up to 6 requests).
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+
+
 def make_s3_client(endpoint_url: str | None = None, account_id: str | None = None, *, access_key_id: str,
                    secret_access_key: str | Secret, region: str = "auto", verify: str | bool | None = None,
                    max_attempts: int = 5, connect_timeout: float = 10, read_timeout: float = 60) -> Any:
@@ -376,17 +391,8 @@ def make_s3_client(endpoint_url: str | None = None, account_id: str | None = Non
             raise UploadError("make_s3_client needs endpoint_url or account_id")
         endpoint_url = f"https://{account_id}.r2.cloudflarestorage.com"
     secret = secret_access_key if isinstance(secret_access_key, Secret) else Secret(secret_access_key)
-    config = Config(
-        signature_version="s3v4",  # also for presigned URLs (botocore would otherwise presign SigV2 in us-east-1)
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        s3={"addressing_style": "path"},
-        # total_max_attempts counts the first try; botocore's "max_attempts" key would count retries only
-        # (max_attempts=5 sends up to 6 requests).
-        retries={"mode": "standard", "total_max_attempts": max_attempts},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-    )
+    config = r2_client_config(max_attempts=max_attempts, connect_timeout=connect_timeout,
+                              read_timeout=read_timeout)
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key_id,
         aws_secret_access_key=secret.get(), verify=verify, config=config)
