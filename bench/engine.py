@@ -31,9 +31,9 @@ from engine.attention import AttentionSpec, resolve_attention  # noqa: E402
 from engine.config import WanConfig, latent_shape  # noqa: E402
 from engine.registry import get_model  # noqa: E402
 from engine.sampler import rcm_sample  # noqa: E402
-from engine.t2v import prepare_vae_for_device  # noqa: E402
 from engine.umt5 import HashTokenizer, TextEncoder, UMT5Encoder  # noqa: E402
 from engine.wan_dit import WanDiT  # noqa: E402
+from engine.wan_pipeline import prepare_vae_for_device  # noqa: E402
 from engine.wan_vae import WanVAE  # noqa: E402
 
 SHAPES = {

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import loading  # noqa: E402
 from engine.attention import AttentionSpec, resolve_attention  # noqa: E402
 from engine.config import WanConfig, latent_shape  # noqa: E402
-from engine.t2v import prepare_vae_for_device  # noqa: E402
 from engine.wan_dit import WanDiT  # noqa: E402
+from engine.wan_pipeline import prepare_vae_for_device  # noqa: E402
 from engine.wan_vae import WanVAE  # noqa: E402
 
 DEV, DT = torch.device("cuda"), torch.bfloat16

@@ -4,7 +4,7 @@
       .load_spec(model, quant_linear)    -> LoadSpec: resolved files, device cuda:N, dtype
       .pipeline(spec)                    -> a warm Pipeline (loaded once per spec.cache_key())
       .model_identity(spec)              -> files by name, size and content digest (row identity)
-    load(spec, settings)                 -> the mode's Pipeline (engine/t2v.py; i2v and dance next)
+    load(spec, settings)                 -> the mode's Pipeline (engine/t2v.py, engine/i2v.py; dance next)
     Pipeline.generate(request)           -> GenerationResult (uint8 frames, timings, warnings)
 
 Requests are frozen and typed per mode (engine/requests.py). Per-request settings (attention
@@ -34,6 +34,7 @@ __all__ = [
     "EmbeddingStore",
     "Engine",
     "GenerationResult",
+    "GroupedPipeline",
     "LoadSpec",
     "Pipeline",
     "estimate_bytes",
@@ -65,6 +66,12 @@ class GenerationResult:
     int8_path: str
     text_cache_hit: bool
     warnings: list[str] = field(default_factory=list)
+    # Two-expert models (i2v): where the experts lived, what moving them cost this row (also in
+    # timings: switch_s, expert_in_s), how many times an expert came onto the GPU for this row,
+    # and the group of rows that shared those loads (the sequential policy).
+    expert_policy: str = ""
+    expert_loads: int = 0
+    expert_group: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,13 +99,48 @@ class Pipeline(Protocol):
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run one request of this pipeline's mode."""
 
+    def rows_per_group(self, expected_rows: int) -> int:
+        """How many rows the shard should hand over together (start all, then finish all):
+        1, except for two-expert models under the sequential policy."""
 
-def load(spec: LoadSpec, settings: EngineSettings, *, embedding_cache: EmbeddingStore | None = None) -> Pipeline:
-    """Build the pipeline of the spec's mode (no caching: see Engine.pipeline)."""
+
+class GroupedPipeline(Pipeline, Protocol):
+    """A pipeline whose rows can pause between phases (engine/i2v.py, sequential policy)."""
+
+    def start(self, request: GenerationRequest) -> object:
+        """Everything up to the second expert; returns the paused row."""
+
+    def finish(self, pending: object) -> GenerationResult:
+        """The rest of a row `start` returned."""
+
+
+def load(spec: LoadSpec, settings: EngineSettings, *, embedding_cache: EmbeddingStore | None = None,
+         budget_bytes: int | None = None) -> Pipeline:
+    """Build the pipeline of the spec's mode (no caching: see Engine.pipeline). `budget_bytes`
+    (the GPU's VRAM budget) picks where a two-expert model keeps its experts."""
     if spec.model.mode == "t2v":
         from .t2v import WanT2VPipeline
         return WanT2VPipeline(spec, settings, embedding_cache=embedding_cache)
-    raise RequestError("mode", spec.model.mode, "t2v (i2v and dance presets are not in this version)")
+    if spec.model.mode == "i2v":
+        from .i2v import WanI2VPipeline
+        return WanI2VPipeline(spec, settings, embedding_cache=embedding_cache, budget_bytes=budget_bytes)
+    raise RequestError("mode", spec.model.mode, "t2v | i2v (dance presets are not in this version)")
+
+
+# The activations and decode buffers of a 14B DiT at 720p × 81 frames beside its weights: peak
+# 35.95 GB with 28.6 GB of weights, measured on an H200 (docs/BENCHMARKS.md), with headroom.
+WORKING_BYTES_720P = 8 * 2**30
+
+
+def resident_dits(spec: ModelSpec, settings: EngineSettings, budget_bytes: int | None) -> int:
+    """How many of the spec's DiTs sit on the GPU at once under the expert policy."""
+    if len(spec.dits) == 1:
+        return 1
+    from .experts import choose_policy
+    policy = choose_policy(settings.expert_policy, budget_bytes=budget_bytes,
+                           expert_bytes=estimate_bytes(spec.config, 1), working_bytes=WORKING_BYTES_720P,
+                           expected_rows=1)
+    return len(spec.dits) if policy == "resident" else 1
 
 
 def estimate_bytes(config: WanConfig, dits: int = 1) -> int:
@@ -147,9 +189,12 @@ class Engine:
 
     def pipeline(self, spec: LoadSpec) -> Pipeline:
         """The warm pipeline for this spec, loading it on first use."""
-        nbytes = estimate_bytes(spec.model.config, len(spec.model.dits)) if spec.device.type == "cuda" else 0
+        budget = self.cache.budget_bytes
+        dits = resident_dits(spec.model, self.settings, budget)
+        nbytes = estimate_bytes(spec.model.config, dits) if spec.device.type == "cuda" else 0
         return self.cache.get(spec.cache_key(),
-                              lambda: load(spec, self.settings, embedding_cache=self.embedding_cache),
+                              lambda: load(spec, self.settings, embedding_cache=self.embedding_cache,
+                                           budget_bytes=budget),
                               nbytes=nbytes, name=spec.model.name)
 
     def generate(self, spec: LoadSpec, request: GenerationRequest) -> GenerationResult:

@@ -10,12 +10,16 @@ files per role, as TurboDiffusion publishes them. Extra encoders (CLIP, DWPose) 
     text_encoder    UMT5Encoder                      models_t5_umt5-xxl-enc-bf16.pth
     tokenizer       the umT5 tokenizer (a folder)    google/umt5-xxl/
 
+Wan2.2 A14B image-to-video has two DiT roles, `dit_high` (the high-noise expert, sampling starts
+on it) and `dit_low`, each its own TurboWan2.2 file, and the Wan2.1 VAE and umT5 above.
+
 `resolve_files()` finds each role's file under the checkpoints folder (explicit paths win) and
 names every missing one in a single `CheckpointError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -79,11 +83,19 @@ class ModelFiles:
 
 
 _TURBO = "TurboWan2.1-T2V-{}"
+_TURBO_A14B = "TurboWan2.2-I2V-A14B-{}-720P{}.pth"
 _WAN21_COMMON = (
     CheckpointFile("vae", "Wan2.1_VAE.pth"),
     CheckpointFile("text_encoder", "models_t5_umt5-xxl-enc-bf16.pth"),
     CheckpointFile("tokenizer", "google/umt5-xxl", folder=True),
 )
+
+_TINY_CONFIG = WanConfig(name="tiny-t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2,
+                         text_dim=32, text_len=32, freq_dim=32,
+                         umt5=UMT5Config(vocab_size=512, dim=32, dim_attn=32, dim_ffn=64,
+                                         num_heads=2, num_layers=2, num_buckets=8, text_len=32),
+                         vae=VAEConfig(dim=8), sizes=TINY_SIZES, random_init=True,
+                         param_billions=0.001)
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec(
@@ -98,20 +110,37 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
                          num_layers=40, default_resolution="720p", param_billions=14.0),
         files=(CheckpointFile("dit", _TURBO.format("14B-720P.pth"),
                               quant_name=_TURBO.format("14B-720P-quant.pth")), *_WAN21_COMMON)),
+    # Two 14B experts with 36 input channels (16 noisy latent + 4 mask + 16 image latent), no CLIP.
+    ModelSpec(
+        name="wan2.2-i2v-a14b", mode="i2v",
+        config=WanConfig(name="wan2.2-i2v-a14b", dim=5120, ffn_dim=13824, num_heads=40,
+                         num_layers=40, in_dim=36, default_resolution="720p", param_billions=14.0),
+        files=(CheckpointFile("dit_high", _TURBO_A14B.format("high", ""),
+                              quant_name=_TURBO_A14B.format("high", "-quant")),
+               CheckpointFile("dit_low", _TURBO_A14B.format("low", ""),
+                              quant_name=_TURBO_A14B.format("low", "-quant")),
+               *_WAN21_COMMON),
+        dits=("dit_high", "dit_low")),
     # Same classes, tiny dimensions: output is noise. Seeded random weights, or tiny files of
     # these names when the checkpoints folder holds them (tests save them in the real formats).
     ModelSpec(
         name="tiny-t2v", mode="t2v",
-        config=WanConfig(name="tiny-t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2,
-                         text_dim=32, text_len=32, freq_dim=32,
-                         umt5=UMT5Config(vocab_size=512, dim=32, dim_attn=32, dim_ffn=64,
-                                         num_heads=2, num_layers=2, num_buckets=8, text_len=32),
-                         vae=VAEConfig(dim=8), sizes=TINY_SIZES, random_init=True,
-                         param_billions=0.001),
+        config=_TINY_CONFIG,
         files=(CheckpointFile("dit", "TurboWan-tiny-t2v.pth", quant_name="TurboWan-tiny-t2v-quant.pth"),
                CheckpointFile("vae", "tiny-vae.pth"),
                CheckpointFile("text_encoder", "tiny-umt5.pth"),
                CheckpointFile("tokenizer", "tiny-tokenizer", folder=True, optional=True))),
+    ModelSpec(
+        name="tiny-i2v", mode="i2v",
+        config=dataclasses.replace(_TINY_CONFIG, name="tiny-i2v", in_dim=36, default_resolution="720p"),
+        files=(CheckpointFile("dit_high", "TurboWan-tiny-i2v-high.pth",
+                              quant_name="TurboWan-tiny-i2v-high-quant.pth"),
+               CheckpointFile("dit_low", "TurboWan-tiny-i2v-low.pth",
+                              quant_name="TurboWan-tiny-i2v-low-quant.pth"),
+               CheckpointFile("vae", "tiny-vae.pth"),
+               CheckpointFile("text_encoder", "tiny-umt5.pth"),
+               CheckpointFile("tokenizer", "tiny-tokenizer", folder=True, optional=True)),
+        dits=("dit_high", "dit_low")),
 )}
 
 
@@ -141,8 +170,9 @@ def resolve_files(
     """
     overrides = dict(overrides or {})
     root = Path(checkpoints_dir) if checkpoints_dir else None
-    if spec.random_init and not overrides and (
-            root is None or not (root / spec.file(spec.dits[0]).name).is_file()):
+    first = spec.file(spec.dits[0])
+    if spec.random_init and not overrides and (root is None or not any(
+            (root / name).is_file() for name in (first.name, first.quant_name) if name)):
         return ModelFiles()
     root = root or Path("checkpoints")
     paths: dict[str, Path] = {}

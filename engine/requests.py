@@ -105,7 +105,8 @@ class I2VRequest(GenerationRequest):
     image: str = ""
     adaptive_resolution: bool = True
     boundary: float = 0.9           # switch from the high- to the low-noise expert below this t
-    sigma_max: float = 200.0
+    sigma_max: float = 200.0        # TurboDiffusion's i2v defaults
+    resolution: str = "720p"
 
     def validated(self, config: WanConfig) -> Self:
         if not self.image:
@@ -113,6 +114,8 @@ class I2VRequest(GenerationRequest):
         boundary = _as_float("boundary", self.boundary)
         if not 0 < boundary < 1:
             raise RequestError("boundary", self.boundary, "a number in (0, 1) (default 0.9)")
+        if not isinstance(self.adaptive_resolution, bool):
+            raise RequestError("adaptive_resolution", self.adaptive_resolution, "true | false")
         return replace(super().validated(config), boundary=boundary)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["expert_schedule", "initial_noise", "rcm_sample", "rcm_timesteps"]
+__all__ = ["RcmState", "expert_schedule", "initial_noise", "rcm_sample", "rcm_start", "rcm_step", "rcm_timesteps"]
 
 MID_ANGLES = (1.5, 1.4, 1.0)
 
@@ -41,6 +42,47 @@ def initial_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.T
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(torch.float64)
 
 
+@dataclass
+class RcmState:
+    """The sampler between steps: a row can pause here (the sequential expert policy runs the
+    high-noise steps of several rows, then their low-noise steps) and resume unchanged."""
+    x: torch.Tensor                       # current noisy latent (float64)
+    x0: torch.Tensor                      # last clean estimate
+    ts: list[float]                       # times with the final 0
+    generator: torch.Generator            # CPU generator of the fresh SDE noise
+    ode: bool = False
+    step: int = 0                         # steps done
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.ts) - 1
+
+    @property
+    def t_cur(self) -> float:
+        return self.ts[self.step]
+
+
+def rcm_start(shape: tuple[int, ...], *, sigma_max: float, num_steps: int, generator: torch.Generator,
+              device: torch.device, ode: bool = False) -> RcmState:
+    ts = rcm_timesteps(sigma_max, num_steps)
+    x = initial_noise(shape, generator).to(device) * ts[0]
+    return RcmState(x=x, x0=x, ts=ts, generator=generator, ode=ode)
+
+
+def rcm_step(state: RcmState, velocity: Velocity) -> None:
+    """One DiT forward: x0 = x − t·v, then SDE re-noising or the Euler ODE step."""
+    t_cur, t_next = state.ts[state.step], state.ts[state.step + 1]
+    timestep = torch.full((state.x.shape[0],), t_cur * 1000.0, device=state.x.device)
+    v = velocity(state.x, timestep).to(torch.float64)
+    state.x0 = state.x - t_cur * v
+    if state.ode:
+        state.x = state.x - (t_cur - t_next) * v
+    else:
+        noise = initial_noise(tuple(state.x.shape), state.generator).to(state.x.device)
+        state.x = (1.0 - t_next) * state.x0 + t_next * noise
+    state.step += 1
+
+
 def rcm_sample(
     velocity: Velocity,
     shape: tuple[int, ...],
@@ -52,16 +94,8 @@ def rcm_sample(
     ode: bool = False,
 ) -> torch.Tensor:
     """Run the sampler and return the final x0 (float64, on `device`)."""
-    ts = rcm_timesteps(sigma_max, num_steps)
-    x = initial_noise(shape, generator).to(device) * ts[0]
-    x0 = x
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        timestep = torch.full((shape[0],), t_cur * 1000.0, device=device)
-        v = velocity(x, timestep).to(torch.float64)
-        x0 = x - t_cur * v
-        if ode:
-            x = x - (t_cur - t_next) * v
-        else:
-            noise = initial_noise(shape, generator).to(device)
-            x = (1.0 - t_next) * x0 + t_next * noise
-    return x0
+    state = rcm_start(shape, sigma_max=sigma_max, num_steps=num_steps, generator=generator,
+                      device=device, ode=ode)
+    while not state.done:
+        rcm_step(state, velocity)
+    return state.x0

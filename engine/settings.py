@@ -10,6 +10,9 @@ and passes it down. Variables:
     TURBO_ALLOW_RANDOM_WEIGHTS  1 lets real-size presets run with random weights (benchmarks only)
     TURBO_INT8_KERNELS          1 runs -quant files on TurboDiffusion's int8 GEMMs (default: dequantize)
     TURBO_EMBED_CACHE           text-embedding cache folder (~/.cache/turbo-batch/text)
+    TURBO_EXPERT_POLICY         auto (default) | resident | swap | sequential: where A14B's two
+                                experts live (engine/experts.py); auto picks from the VRAM budget
+    TURBO_EXPERT_GROUP_ROWS     rows per group under the sequential policy (default 4)
     TURBO_DIGEST_CACHE          where checkpoint digests go when the checkpoint folder is read-only
                                 (~/.cache/turbo-batch/digests)
 """
@@ -37,10 +40,17 @@ class EngineSettings:
     int8_kernels: bool = False
     embed_cache_dir: Path = field(default_factory=lambda: _CACHE_HOME / "text")
     digest_cache_dir: Path = field(default_factory=lambda: _CACHE_HOME / "digests")
+    expert_policy: str = "auto"
+    expert_group_rows: int = 4
 
     def __post_init__(self) -> None:
         if self.compile not in ("auto", "0", "1"):
             raise RequestError("TURBO_COMPILE", self.compile, "auto | 1 | 0")
+        if self.expert_policy not in ("auto", "resident", "swap", "sequential"):
+            raise RequestError("TURBO_EXPERT_POLICY", self.expert_policy,
+                               "auto | resident | swap | sequential")
+        if self.expert_group_rows < 1:
+            raise RequestError("TURBO_EXPERT_GROUP_ROWS", self.expert_group_rows, "a whole number ≥ 1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, checkpoints_dir: str | Path | None = None) -> EngineSettings:
@@ -56,6 +66,9 @@ class EngineSettings:
 
         ckpt = checkpoints_dir or env.get("CHECKPOINTS_DIR") or None
         min_rows = number("TURBO_COMPILE_MIN_ROWS")
+        group_rows = number("TURBO_EXPERT_GROUP_ROWS")
+        if group_rows is not None and not group_rows.is_integer():
+            raise RequestError("TURBO_EXPERT_GROUP_ROWS", group_rows, "a whole number ≥ 1")
         defaults = cls()
         return cls(
             checkpoints_dir=Path(ckpt) if ckpt else None,
@@ -68,4 +81,6 @@ class EngineSettings:
             else defaults.embed_cache_dir,
             digest_cache_dir=Path(env["TURBO_DIGEST_CACHE"]) if env.get("TURBO_DIGEST_CACHE")
             else defaults.digest_cache_dir,
+            expert_policy=(env.get("TURBO_EXPERT_POLICY") or "auto").strip().lower(),
+            expert_group_rows=defaults.expert_group_rows if group_rows is None else int(group_rows),
         )

@@ -14,6 +14,7 @@ construction except parameters, and the RoPE tables are a plain cache, not state
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -258,6 +259,10 @@ class WanDiT(nn.Module):
         self.head = WanHead(config)
         # (t, h, w, device) -> (cos, sin). A plain dict: not state, not moved by .to(), built once per shape.
         self._rope_cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Set while this DiT's weights stream onto the GPU (engine/experts.py): called with -1
+        # before the embeddings and with i before block i, so each part waits only for its own
+        # copy. Cleared after the forward. Plain Python, outside the compiled blocks.
+        self.wait_for_weights: Callable[[int], None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -284,14 +289,20 @@ class WanDiT(nn.Module):
         _, _, t, h, w = x.shape
         grid = (t // kt, h // kh, w // kw)
         dtype = self.dtype
+        wait = self.wait_for_weights
+        if wait is not None:
+            wait(-1)
 
         tokens = self.patch_embedding(patchify(x.to(dtype), self.config.patch_size))   # [B, L, dim]
         e, e0 = self.time_conditioning(timestep)
         context = self.text_embedding(context.to(dtype))                               # [B, L_text, dim]
         cos, sin = self.rope_tables(grid, x.device)
 
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if wait is not None:
+                wait(i)
             tokens = block(tokens, e0, cos, sin, context)
+        self.wait_for_weights = None
 
         out = self.head(tokens, e)                                                     # [B, L, kt*kh*kw*out]
         return unpatchify(out, grid, self.config.patch_size)
