@@ -17,3 +17,12 @@ def test_engine_bench_dry_run_on_cpu(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "tiny-480p-5f" in run.stdout
+
+
+def test_i2v_bench_dry_run_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, "bench/i2v.py", "--device", "cpu", "--model", "tiny-i2v",
+                          "--no-write", "--no-compile", "--rows", "1", "--frames", "5",
+                          "--policies", "resident,swap", "--tmp", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "resident" in run.stdout and "swap" in run.stdout and "160x96x5" in run.stdout

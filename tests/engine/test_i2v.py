@@ -211,3 +211,22 @@ def test_auto_policy_follows_the_budget():
     assert pick(45 * gib) == "swap"
     assert pick(45 * gib, rows=20) == "sequential"
     assert choose_policy("swap", budget_bytes=None, expert_bytes=1, working_bytes=1, expected_rows=9) == "swap"
+
+
+@pytest.mark.gpu
+def test_swap_streams_the_experts_and_matches_resident_on_cuda(tmp_path):
+    """On CUDA the swap policy copies an expert in block by block beside the forward; every block
+    must wait for its own weights, so the video is the same as with both experts resident."""
+    image = _image(tmp_path)
+    videos = {}
+    for policy in ("resident", "swap"):
+        engine = Engine(EngineSettings(expert_policy=policy), device="cuda")
+        spec = engine.load_spec("tiny-i2v")
+        results = [engine.generate(spec, _request(image, seed=s, attention_type="original")) for s in (1, 2, 3)]
+        videos[policy] = [r.frames for r in results]
+        if policy == "swap":
+            pipe = engine.pipeline(spec)
+            assert pipe.experts.loads == {"dit_high": 3, "dit_low": 3}
+            assert all(r.expert_loads == 2 for r in results[1:])
+    for a, b in zip(videos["resident"], videos["swap"]):
+        np.testing.assert_array_equal(a, b)
