@@ -105,7 +105,7 @@ def run_td_peer(args: argparse.Namespace) -> dict[str, object]:
     y = torch.randn(1, 20, *lat[1:], device="cuda", generator=g).to(torch.bfloat16)
     ctx = torch.randn(1, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
     runs = []
-    for i in range(1 + args.rows):
+    for i in range(1 + args.peer_rows):
         torch.cuda.reset_peak_memory_stats()
         runs.append(official_rcm_i2v(high, low, y, ctx, lat, steps=args.steps, seed=i))
     measured = runs[1:]
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--attention", default="sla")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--td-repo", default=None, help="a TurboDiffusion checkout: also time the official loop")
+    ap.add_argument("--peer-rows", type=int, default=1, help="measured rows of the official loop")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -143,6 +144,7 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         print_table([r])
+        print(r, flush=True)      # a run cut short by a time limit still leaves each policy's numbers
         results.append(r)
     parity = None
     if args.td_repo:
