@@ -53,7 +53,8 @@ class GenerationRequest:
             raise RequestError("seed", self.seed, "an integer in [0, 2^63)")
         sigma = _as_float("sigma_max", self.sigma_max)
         if not (math.isfinite(sigma) and sigma > 0):
-            raise RequestError("sigma_max", self.sigma_max, "a positive finite number (default 80)")
+            default = type(self).__dataclass_fields__["sigma_max"].default
+            raise RequestError("sigma_max", self.sigma_max, f"a positive finite number (default {default:g})")
         attn = str(self.attention_type).lower()
         if attn not in set(AttentionType):
             raise RequestError("attention_type", self.attention_type,

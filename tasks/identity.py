@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.family import Engine, LoadSpec
-from tasks.manifest import GENERATION_COLUMNS, INPUT_COLUMNS, ManifestRow
+from tasks.manifest import INPUT_COLUMNS, ManifestRow, request_columns
 
 __all__ = ["RECIPE_VERSION", "output_key", "row_hash", "row_key"]
 
@@ -51,7 +51,8 @@ def row_hash(row: ManifestRow, model_id: str, input_digests: Mapping[str, str] |
         "mode": row.mode,
         "prompt": row.prompt,
         # every request field after defaults; the sampler is not a column but still changes the video
-        "generation": {**{c: getattr(row, c) for c in GENERATION_COLUMNS},
+        # (i2v rows add I2V_COLUMNS; other rows' payload is as before, so their keys are unchanged)
+        "generation": {**{c: getattr(row, c) for c in request_columns(row.mode)},
                        "sampler": row.request().sampler},
         "inputs": {c: reference(c, getattr(row, c)) for c in INPUT_COLUMNS},
         "postprocess": post,

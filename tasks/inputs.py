@@ -27,17 +27,46 @@ FFPROBE_TIMEOUT_S = 30
 FFPROBE_TIMEOUT_PER_GIB_S = 30
 
 
+# What the i2v pipeline can use (engine/conditioning.py `load_rgb`): the same rules for every image
+# column, local or fetched, so a file is refused here rather than on the GPU host.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")   # Pillow names; as KIND_FORMATS["image"]
+MIN_IMAGE_SIDE = 2
+
+
 def check_image(path: str | Path) -> tuple[int, int]:
-    """Decode the whole image; return (width, height)."""
+    """Decode the whole image; return (width, height).
+
+    Refused before decoding: an empty file, a side under MIN_IMAGE_SIDE px, or more pixels than
+    engine.conditioning.MAX_IMAGE_PIXELS (read at call time) by the header's width × height, so a
+    decompression bomb is never decoded. One plain signature: the fetch stage's `_CHECKS` table
+    calls every check alike."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes)")
+    from engine import conditioning  # deferred: it imports torch, which a t2v batch never needs
+    max_pixels, min_side = conditioning.MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+    limit = f"the limit of {max_pixels:,} pixels ({max_pixels / 1e6:g} MP)"
     try:
-        with Image.open(path) as image:
-            image.load()  # open() only reads the header; load() decodes the pixels
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            width, height = image.size          # open() only reads the header
+            if width * height > max_pixels:
+                raise InputError(f"image is {width}×{height} pixels ({width * height / 1e6:.1f} MP), "
+                                 f"over {limit}; not decoded")
+            if width < min_side or height < min_side:
+                raise InputError(f"image is {width}×{height} pixels, under the minimum of "
+                                 f"{min_side}×{min_side}")
+            image.load()  # load() decodes the pixels
             return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"not a readable image ({type(exc).__name__}: {_one_line(exc)})") from None
+    except InputError:   # a ValueError too: not to be taken for an unreadable file below
+        raise
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard (twice its MAX_IMAGE_PIXELS) fires inside open(), before we see the size
+        raise InputError(f"image is over {limit}; not decoded ({_one_line(exc)})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"not a readable image ({type(exc).__name__}: {_one_line(exc)}; "
+                         f"expected {KIND_FORMATS['image']})") from None
 
 
 def probe(path: str | Path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import polars as pl
 from engine.config import WanConfig
 from engine.errors import RequestError
 from engine.registry import MODELS, model_names
-from engine.requests import REQUEST_TYPES, GenerationRequest
+from engine.requests import REQUEST_TYPES, GenerationRequest, I2VRequest
 from tasks.errors import InputError
 from tasks.inputs import check_audio, check_image, check_video, host_allowed, parse_host_list
 from tasks.manifest_errors import ManifestFileError, ManifestRowsError, count_rows
@@ -42,16 +42,19 @@ MODES = ("t2v", "i2v", "dance")
 DEFAULT_MODELS = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.2-i2v-a14b", "dance": "steadydancer-14b"}
 # What each known model generates (the registry's, plus the presets still to come); a row whose
 # mode differs is refused.
-MODEL_MODES = {"wan2.2-i2v-a14b": "i2v", "steadydancer-14b": "dance",
+MODEL_MODES = {"steadydancer-14b": "dance",
                **{name: spec.mode for name, spec in MODELS.items()}}
 
 IDENTITY_COLUMNS = ("id", "mode", "prompt", "model")
 INPUT_COLUMNS = ("image", "driving_video")
 GENERATION_COLUMNS = ("resolution", "aspect_ratio", "num_frames", "num_steps", "seed", "sigma_max",
                       "attention_type", "sla_topk", "quant_linear")
+# Request fields of i2v rows only (I2VRequest): a t2v or dance row that sets one is refused.
+I2V_COLUMNS = ("adaptive_resolution", "boundary")
 POSTPROCESS_COLUMNS = ("fps", "interpolate_fps", "upscale", "watermark", "preview", "audio")
 OUTPUT_COLUMNS = ("output_name", "num_samples")
-COLUMNS = IDENTITY_COLUMNS + INPUT_COLUMNS + GENERATION_COLUMNS + POSTPROCESS_COLUMNS + OUTPUT_COLUMNS
+COLUMNS = (IDENTITY_COLUMNS + INPUT_COLUMNS + GENERATION_COLUMNS + I2V_COLUMNS + POSTPROCESS_COLUMNS
+           + OUTPUT_COLUMNS)
 REQUIRED_COLUMNS = ("id", "mode", "prompt")
 # Per-row by nature: a run-wide value would make every row the same item.
 ROW_ONLY_COLUMNS = ("id", "mode", "prompt", "output_name", "image", "driving_video")
@@ -63,6 +66,10 @@ SAFE_NAME_RULE = ("letters, digits, '.', '_' and '-' only, starting with a lette
                   "at most 128 characters, no '..'")
 DEFAULT_FPS = 16
 _REQUEST_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+_I2V_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(I2VRequest)}
+# Request fields that name files: checked as their own columns, so validating the other fields of
+# a row passes a placeholder (`validated()` refuses them empty).
+_FILE_FIELDS = ("image", "pose_video")
 MAX_FPS, MAX_INTERPOLATE_FPS, MAX_UPSCALE = 60, 120, 4.0
 MAX_SAMPLES = 1000
 MAX_WATERMARK_TEXT = 200
@@ -123,6 +130,9 @@ class ManifestRow:
     attention_type: str = _REQUEST_DEFAULTS["attention_type"]
     sla_topk: float = _REQUEST_DEFAULTS["sla_topk"]
     quant_linear: str = _REQUEST_DEFAULTS["quant_linear"]
+    # i2v only (unused by other modes); an i2v row's sigma_max default is I2VRequest's, set by read_manifest
+    adaptive_resolution: bool = _I2V_DEFAULTS["adaptive_resolution"]
+    boundary: float = _I2V_DEFAULTS["boundary"]
     fps: int = DEFAULT_FPS
     interpolate_fps: int | None = None
     upscale: float | None = None
@@ -139,7 +149,7 @@ class ManifestRow:
 
     def request(self, inputs: Mapping[str, Path] | None = None) -> GenerationRequest:
         """The engine request of this row's mode; `inputs` are the fetched local files by column."""
-        fields: dict[str, Any] = {c: getattr(self, c) for c in GENERATION_COLUMNS}
+        fields: dict[str, Any] = {c: getattr(self, c) for c in request_columns(self.mode)}
         files = inputs or {}
         if self.mode in ("i2v", "dance") and "image" in files:
             fields["image"] = str(files["image"])
@@ -188,6 +198,12 @@ class Manifest:
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
         return cls.from_bytes(Path(path).read_bytes())
+
+
+def request_columns(mode: str | None) -> tuple[str, ...]:
+    """The generation columns a row of `mode` passes to its request: GENERATION_COLUMNS, plus
+    I2V_COLUMNS for i2v."""
+    return GENERATION_COLUMNS + (I2V_COLUMNS if mode == "i2v" else ())
 
 
 # ── entry point ──────────────────────────────────────────────────────────────────────────────────
@@ -428,13 +444,26 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
 
     # 2. Generation: the engine's own validation names the field and its allowed values
     generation: dict[str, Any] = {}
+    if mode is not None and mode != "i2v":
+        # Only the row's own cell: a run-wide value (run parameter, environment) is meant for the
+        # batch's i2v rows, and a mixed batch's other rows leave it alone.
+        for column in I2V_COLUMNS:
+            if (cell := _clean(raw.get(column))) is not None:
+                fail(column, cell, f"{column} is for mode i2v only (this row is {mode})")
     if config is not None:
-        given = {c: v for c in GENERATION_COLUMNS if (v := value_of(c)) is not None}
-        request, problems = _validate_generation(given, config, prompt or "-")
+        columns = request_columns(mode)
+        given: dict[str, Any] = {c: v for c in columns if (v := value_of(c)) is not None}
+        if "adaptive_resolution" in given:   # a boolean cell, read as `preview` is
+            text = given.pop("adaptive_resolution")
+            try:
+                given["adaptive_resolution"] = _parse_bool(text)
+            except _CellError as bad:
+                fail("adaptive_resolution", text, bad.reason)
+        request, problems = _validate_generation(given, config, prompt or "-", mode)
         for exc in problems:      # every bad field, each echoed as the row wrote it
             fail(exc.field, given.get(exc.field, exc.value), f"must be {exc.allowed}")
         if request is not None:
-            generation = {c: getattr(request, c) for c in GENERATION_COLUMNS}
+            generation = {c: getattr(request, c) for c in columns}
 
     # 3. Inputs and mode rules
     def reference(column: str, check: Callable[[str], object]) -> str | None:
@@ -519,27 +548,32 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     ), []
 
 
-def _validate_generation(given: Mapping[str, str], config: WanConfig,
-                         prompt: str) -> tuple[GenerationRequest | None, list[RequestError]]:
+def _validate_generation(given: Mapping[str, Any], config: WanConfig, prompt: str,
+                         mode: str | None = None) -> tuple[GenerationRequest | None, list[RequestError]]:
     """The engine's validation of a row's generation fields, reporting every bad one.
 
+    The request type is the mode's (`REQUEST_TYPES`), so its defaults are too (i2v: sigma_max 200).
     `validated()` stops at the first bad field; that field is then set back to its default and the
     request validated again, so each other field is still judged by the engine's own rules (beside
     the row's other values: the aspect ratio against the row's resolution). The request is None
     when any field is bad."""
-    defaults = {**_REQUEST_DEFAULTS, "resolution": config.default_resolution}
-    fields: dict[str, Any] = {"resolution": config.default_resolution}
+    request_type = REQUEST_TYPES.get(mode or "", GenerationRequest)
+    columns = request_columns(mode)
+    defaults = {**{f.name: f.default for f in dataclasses.fields(request_type)},
+                "resolution": config.default_resolution}
+    fields: dict[str, Any] = {"resolution": config.default_resolution,
+                              **{f: "(checked as a column)" for f in _FILE_FIELDS if f in defaults}}
     for column, text in given.items():
-        number = _integral(text) if column in INTEGER_COLUMNS else None
+        number = _integral(text) if column in INTEGER_COLUMNS and isinstance(text, str) else None
         fields[column] = text if number is None else number    # "17.0" → 17
     problems: list[RequestError] = []
     while True:   # at most once per field: a field set back to its default that fails again ends it
         try:
-            request = GenerationRequest(prompt=prompt, **fields).validated(config)
+            request = request_type(prompt=prompt, **fields).validated(config)
         except RequestError as exc:
             if not any(p.field == exc.field for p in problems):
                 problems.append(exc)
-            if exc.field not in GENERATION_COLUMNS or fields.get(exc.field) == defaults[exc.field]:
+            if exc.field not in columns or fields.get(exc.field) == defaults[exc.field]:
                 return None, problems
             fields[exc.field] = defaults[exc.field]
         else:
