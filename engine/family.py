@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -204,6 +204,28 @@ class Engine:
         except ModelMemoryError:
             self.cache.clear()     # the next row starts clean (it reloads what it needs)
             raise
+
+    def start(self, spec: LoadSpec, request: GenerationRequest) -> object:
+        """The first phase of a grouped row (a GroupedPipeline's `start`)."""
+        try:
+            return self._grouped(spec).start(request)
+        except ModelMemoryError:
+            self.cache.clear()
+            raise
+
+    def finish(self, spec: LoadSpec, pending: object) -> GenerationResult:
+        """The rest of a row `start` paused."""
+        try:
+            return self._grouped(spec).finish(pending)
+        except ModelMemoryError:
+            self.cache.clear()
+            raise
+
+    def _grouped(self, spec: LoadSpec) -> GroupedPipeline:
+        pipeline = self.pipeline(spec)
+        if not hasattr(pipeline, "start"):
+            raise TypeError(f"{spec.model.name} runs its rows whole (generate), not in phases")
+        return cast(GroupedPipeline, pipeline)
 
     def model_identity(self, spec: LoadSpec) -> str:
         """What the row hash records of the weights: each file's name, size and content digest."""

@@ -101,17 +101,17 @@ class WanI2VPipeline(WanPipelineBase):
 
     def prepare(self, expected_rows: int) -> None:
         """Compile when enough rows follow, and (auto policy) pick swap or sequential for them."""
-        if self.policy != "resident" and self.settings.expert_policy == "auto":
-            self.experts.policy = self._policy(expected_rows)
+        if self.policy == "swap" and self.settings.expert_policy == "auto":
+            self.experts.policy = self._policy(expected_rows)     # sequential once a batch comes
         if self.wants_compile(expected_rows):
             for dit in self.experts.loaded():
                 dit.compile_blocks()
             self.compiled = True
 
     def rows_per_group(self, expected_rows: int) -> int:
-        if self.policy != "sequential":
-            return 1
-        return max(1, min(self.settings.expert_group_rows, expected_rows))
+        """TURBO_EXPERT_GROUP_ROWS under the sequential policy while more rows follow (the shard
+        finishes a short last group when it ends), else 1."""
+        return self.settings.expert_group_rows if self.policy == "sequential" and expected_rows > 1 else 1
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GenerationResult:

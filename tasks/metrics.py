@@ -37,17 +37,20 @@ COLUMNS: dict[str, pl.DataType] = {
     "width": pl.Int64(), "height": pl.Int64(), "frames": pl.Int64(), "fps": pl.Int64(),
     # stage seconds
     "t_fetch_s": pl.Float64(), "t_pose_s": pl.Float64(), "t_text_s": pl.Float64(), "t_denoise_s": pl.Float64(),
+    "t_image_s": pl.Float64(), "t_switch_s": pl.Float64(),
     "t_vae_s": pl.Float64(), "t_postprocess_s": pl.Float64(), "t_validate_s": pl.Float64(),
     "t_upload_s": pl.Float64(), "t_total_s": pl.Float64(),
     # resources
     "peak_vram_gb": pl.Float64(), "text_cache_hit": pl.Boolean(),
+    # two-expert models (i2v): memory policy, experts moved onto the GPU, rows sharing those moves
+    "expert_policy": pl.String(), "expert_loads": pl.Int64(), "expert_group": pl.Int64(),
     # outputs
     "output_uri": pl.String(), "poster_uri": pl.String(), "preview_uri": pl.String(),
     "presigned_url": pl.String(), "poster_presigned_url": pl.String(), "sha256": pl.String(),
     "bytes": pl.Int64(),
 }
 STATUSES = ("succeeded", "failed", "invalid", "skipped")
-GPU_STAGES = ("t_pose_s", "t_text_s", "t_denoise_s", "t_vae_s")
+GPU_STAGES = ("t_pose_s", "t_text_s", "t_image_s", "t_switch_s", "t_denoise_s", "t_vae_s")
 
 
 @dataclass
@@ -70,6 +73,8 @@ class MetricsRow:
     t_pose_s: float | None = None
     t_text_s: float | None = None
     t_denoise_s: float | None = None
+    t_image_s: float | None = None                 # i2v: the image's VAE encode
+    t_switch_s: float | None = None                # i2v: moving experts (the switch, and back in)
     t_vae_s: float | None = None
     t_postprocess_s: float | None = None
     t_validate_s: float | None = None
@@ -77,6 +82,9 @@ class MetricsRow:
     t_total_s: float | None = None
     peak_vram_gb: float | None = None
     text_cache_hit: bool | None = None
+    expert_policy: str | None = None
+    expert_loads: int | None = None
+    expert_group: int | None = None
     output_uri: str | None = None
     poster_uri: str | None = None
     preview_uri: str | None = None
@@ -106,6 +114,11 @@ class MetricsRow:
         t = out.timings
         self.gpu, self.peak_vram_gb, self.text_cache_hit = out.gpu, out.peak_vram_gb, out.text_cache_hit
         self.t_text_s, self.t_denoise_s, self.t_vae_s = t["text_s"], t["denoise_s"], t["vae_s"]
+        if out.expert_policy:
+            self.t_image_s = t.get("image_s")
+            self.t_switch_s = t.get("switch_s", 0.0) + t.get("expert_in_s", 0.0)
+            self.expert_policy, self.expert_loads, self.expert_group = (
+                out.expert_policy, out.expert_loads, out.expert_group)
         self.t_total_s = (self.t_fetch_s or 0.0) + t["total_s"]
         return self
 

@@ -4,6 +4,10 @@
                                        [pose] → generate ─▶ frames.npy
     in the pool, behind the next row:  deliver = postprocess → validate → upload (+ record)
 
+Under the sequential expert policy (i2v on a small card) a group of rows is started (generate-
+start: up to the expert switch) and parked; when the group is full, or the shard ends, each is
+finished (generate-finish) and goes on to its delivery, so each expert comes in once per group.
+
 The flow (flows/shard.py) holds each mode's list of stages and walks the rows; this module runs
 them. A failing
 stage fails its row and names itself in the error; the shard goes on. Bad input (`InputError`)
@@ -28,7 +32,7 @@ from engine.family import Engine, LoadSpec
 from tasks.deliver import deliver, find_completed
 from tasks.errors import InputError, retry_transient
 from tasks.fetch import FetchedInputs, FetchSettings, fetch
-from tasks.generate import GenerateOutput, generate
+from tasks.generate import GenerateOutput, generate, generate_finish, generate_start, rows_per_group
 from tasks.identity import row_key
 from tasks.manifest import ManifestRow
 from tasks.metrics import MetricsRow
@@ -57,6 +61,7 @@ class _Row:
     inputs: FetchedInputs | None = None
     key: str = ""
     generated: GenerateOutput | None = None
+    pending: object = None                  # a started, parked row (sequential policy)
     delivery: PrefectFuture[Any] | None = None
 
 
@@ -73,6 +78,7 @@ class RowRunner:
     keep_work: bool = False                   # keep each row's work folder (debugging)
     results: list[MetricsRow] = field(default_factory=list)
     _pending: list[_Row] = field(default_factory=list)
+    _parked: list[_Row] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         unknown = {s for stages in self.stages.values() for s in stages} - set(STAGES)
@@ -83,7 +89,11 @@ class RowRunner:
         """Every stage of the row up to its delivery, which is left running in the pool."""
         # By id: unique in a batch and a safe file name (samples of one row share its number).
         state = _Row(row, MetricsRow.start(row, self.attempt), self.work_root / row.id)
-        for stage in self.stages[row.mode]:
+        self._run_stages(state, self.stages[row.mode], expected_rows)
+
+    def _run_stages(self, state: _Row, stages: tuple[str, ...], expected_rows: int) -> None:
+        row = state.row
+        for stage in stages:
             try:
                 done = getattr(self, f"_{stage}")(state, expected_rows)
             except InputError as e:
@@ -105,7 +115,8 @@ class RowRunner:
         self.on_done(row.id, "failed")
 
     def finish(self) -> list[MetricsRow]:
-        """Wait for the deliveries still running; every row's metrics."""
+        """Finish the parked rows, wait for the deliveries still running; every row's metrics."""
+        self._finish_parked()
         self._collect(keep=0)
         return self.results
 
@@ -129,11 +140,37 @@ class RowRunner:
 
     def _generate(self, s: _Row, expected_rows: int) -> bool:
         assert s.spec is not None
-        s.generated = generate(s.row, s.work, self.engine, s.spec,
-                               inputs=s.inputs.files if s.inputs else None, expected_rows=expected_rows)
+        inputs = s.inputs.files if s.inputs else None
+        group = rows_per_group(self.engine, s.spec, expected_rows)
+        if group > 1 or self._parked:
+            s.pending = generate_start(s.row, self.engine, s.spec, inputs=inputs)
+            self._parked.append(s)
+            if len(self._parked) >= group:
+                self._finish_parked()
+            return True          # the row goes on in _finish_parked
+        s.generated = generate(s.row, s.work, self.engine, s.spec, inputs=inputs, expected_rows=expected_rows)
+        self._generated(s)
+        return False
+
+    def _generated(self, s: _Row) -> None:
+        assert s.generated is not None
         s.metrics.generated(s.generated)
         for warning in s.generated.warnings:      # e.g. a prompt truncated to the encoder's length
             log.warning("row %s (%s): %s", s.row.row, shown(s.row.id), warning)
+
+    def _finish_parked(self) -> None:
+        """Finish each parked row (each expert moves in once for the group), then its later stages."""
+        parked, self._parked = self._parked, []
+        for s in parked:
+            stages = self.stages[s.row.mode]
+            after = stages[stages.index("generate") + 1:]
+            self._run_stages(s, ("finish_generate", *after), 0)
+
+    def _finish_generate(self, s: _Row, _: int) -> bool:
+        assert s.spec is not None
+        s.generated = generate_finish(s.row, s.work, self.engine, s.spec, s.pending)
+        s.pending = None
+        self._generated(s)
         return False
 
     def _deliver(self, s: _Row, _: int) -> bool:

@@ -149,7 +149,7 @@ def test_sequential_brings_each_expert_in_once_per_group(tmp_path):
     engine = _engine(expert_policy="sequential", expert_group_rows=3)
     spec = engine.load_spec("tiny-i2v")
     pipe = engine.pipeline(spec)
-    assert pipe.rows_per_group(10) == 3 and pipe.rows_per_group(2) == 2
+    assert pipe.rows_per_group(10) == 3 and pipe.rows_per_group(2) == 3 and pipe.rows_per_group(1) == 1
     results = []
     for group in ([1, 2, 3], [4, 5, 6]):
         pending = [pipe.start(_request(image, seed=s)) for s in group]
