@@ -132,6 +132,61 @@ def test_batch_deployment_fans_out_to_both_gpu_workers_and_uploads_once(prefect_
     print(f"first batch {first_run_s:.1f} s")
 
 
+@e2e[0]
+@e2e[1]
+def test_i2v_and_t2v_rows_run_on_separate_shards_and_upload_once(prefect_stack, tmp_path):
+    from PIL import Image
+
+    stack = prefect_stack
+    bucket, prefix = versioned_bucket(stack), "mixed"
+    sink = f"s3://{bucket}/{prefix}"
+    (tmp_path / "images").mkdir()
+    sizes = {"wide": (300, 200), "tall": (200, 300), "square": (256, 256), "cinema": (320, 180)}
+    for i, (name, size) in enumerate(sizes.items()):
+        Image.new("RGB", size, (40 * i, 200 - 40 * i, 120)).save(tmp_path / "images" / f"{name}.png")
+    # Interleaved, so a shard that mixed modes could not hide behind the manifest's order.
+    rows = [("i2v-wide", "i2v", "tiny-i2v", "images/wide.png"), ("t2v-0", "t2v", "tiny-t2v", ""),
+            ("i2v-tall", "i2v", "tiny-i2v", "images/tall.png"), ("i2v-square", "i2v", "tiny-i2v",
+                                                                  str(tmp_path / "images" / "square.png")),
+            ("t2v-1", "t2v", "tiny-t2v", ""), ("i2v-cinema", "i2v", "tiny-i2v", "images/cinema.png")]
+    manifest = tmp_path / "mixed.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "mode", "prompt", "model", "image", "num_frames", "num_steps", "seed"])
+        for i, (row_id, mode, model, image) in enumerate(rows):
+            w.writerow([row_id, mode, f"mixed clip number {i}", model, image, 5, 4, 200 + i])
+    ids = [r[0] for r in rows]
+    mode_of = {r[0]: r[1] for r in rows}
+
+    run_batch(stack, manifest.resolve(), sink, "--param", "max_rows_per_shard=2")
+
+    df = read_metrics(stack, bucket, prefix)
+    assert sorted(df["id"].to_list()) == sorted(ids)
+    assert df["status"].to_list() == ["succeeded"] * len(ids), df.select("id", "status", "error")
+    for m in df.iter_rows(named=True):
+        assert m["mode"] == mode_of[m["id"]]
+        assert (m["expert_policy"] == "resident") == (m["mode"] == "i2v"), m
+
+    # Every valid row is in exactly one completed shard, and no shard mixes modes (or models).
+    # The shard's `rows` are positions in the run's validated manifest: here every row is valid,
+    # so position i is the manifest's i-th data row.
+    shards = flow_runs(stack, "gpu-shard", sink)
+    assert shards and all(r.state_type.value == "COMPLETED" for r in shards)
+    positions = sorted(p for r in shards for p in r.parameters["rows"])
+    assert positions == list(range(len(rows)))
+    for r in shards:
+        assert len({rows[p][1] for p in r.parameters["rows"]}) == 1, (r.name, r.parameters["rows"])
+        assert len({rows[p][2] for p in r.parameters["rows"]}) == 1, (r.name, r.parameters["rows"])
+    assert {rows[r.parameters["rows"][0]][1] for r in shards} == {"i2v", "t2v"}
+
+    counts = versions_per_key(stack, bucket, prefix)
+    mp4s = output_keys(prefix, counts, ".mp4")
+    assert len(mp4s) == len(ids) and len(output_keys(prefix, counts, ".json")) == len(ids)
+    assert sorted(f"s3://{bucket}/{k}" for k in mp4s) == sorted(df["output_uri"].to_list())
+    once = {k: n for k, n in counts.items() if not k.startswith(f"{prefix}/runs/")}
+    assert set(once.values()) == {1}, once
+
+
 def _assert_progress_complete(stack, sink: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
