@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from .offload import HostCopy
 from .wan_dit import WanDiT
 
 __all__ = ["POLICIES", "ExpertSet", "choose_policy"]
@@ -45,12 +45,6 @@ def choose_policy(setting: str, *, budget_bytes: int | None, expert_bytes: int, 
 
 
 @dataclass
-class _HostCopy:
-    """An expert's tensors in host memory (pinned on CUDA), in the order a forward needs them."""
-    groups: list[list[tuple[nn.Module, str, torch.Tensor]]]   # [embeddings + head, block 0, …]
-
-
-@dataclass
 class Activation:
     """What bringing an expert in cost: host seconds, and whether a copy streams behind compute."""
     role: str
@@ -69,7 +63,7 @@ class ExpertSet:
     experts: dict[str, WanDiT] = field(default_factory=dict)
     loads: dict[str, int] = field(default_factory=dict)      # times each expert came onto the GPU
     file_loads: dict[str, int] = field(default_factory=dict)  # times each was built from its file
-    _host: dict[str, _HostCopy] = field(default_factory=dict)
+    _host: dict[str, HostCopy] = field(default_factory=dict)
     _on_device: set[str] = field(default_factory=set)
     _copy_stream: torch.cuda.Stream | None = None
 
@@ -105,73 +99,28 @@ class ExpertSet:
     # -- moving -------------------------------------------------------------------------------
     def _move_out(self, role: str) -> None:
         """Point the expert's tensors at their host copies (made on the first move), freeing the GPU."""
-        expert = self.experts[role]
         if role not in self._host:
-            self._host[role] = _host_copy(expert, pin=self.device.type == "cuda")
-        for group in self._host[role].groups:
-            for owner, name, host in group:
-                _set_tensor(owner, name, host)
+            expert = self.experts[role]
+            # A forward's order: embeddings and head first, then block by block.
+            inside = {id(m) for block in expert.blocks for m in block.modules()}
+            outside = [m for m in expert.modules() if id(m) not in inside]
+            self._host[role] = HostCopy(expert, [outside, *[list(b.modules()) for b in expert.blocks]],
+                                        pin=self.device.type == "cuda")
+        self._host[role].move_out()
         self._on_device.discard(role)
 
     def _move_in(self, role: str) -> bool:
         """Copy the expert back from host memory; True when the copy streams behind the next forward."""
         expert, host = self.experts[role], self._host[role]
-        if self.device.type != "cuda":
-            for group in host.groups:
-                for owner, name, tensor in group:
-                    _set_tensor(owner, name, tensor.to(self.device, copy=True))
+        if self.device.type != "cuda" or not self.stream_copies:
+            host.move_in(self.device)
             return False
-        compute = torch.cuda.current_stream(self.device)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
-        copy = self._copy_stream
-        # The memory just freed by the other expert may still be read by queued kernels.
-        copy.wait_stream(compute)
-        events: list[torch.cuda.Event] = []
-        for group in host.groups:
-            with torch.cuda.stream(copy):
-                for owner, name, tensor in group:
-                    # Allocated on the compute stream (it reuses the blocks the other expert freed).
-                    with torch.cuda.stream(compute):
-                        target = torch.empty_like(tensor, device=self.device)
-                    target.copy_(tensor, non_blocking=True)
-                    target.record_stream(copy)
-                    _set_tensor(owner, name, target)
-                event = torch.cuda.Event()
-                event.record(copy)
-                events.append(event)
-        if not self.stream_copies:
-            compute.wait_stream(copy)
-            torch.cuda.synchronize(self.device)
-            return False
+        events = host.move_in(self.device, stream=self._copy_stream)
+        compute = torch.cuda.current_stream(self.device)
 
         def wait_for(group: int) -> None:           # WanDiT calls it before each part's first use
             compute.wait_event(events[group + 1])
         expert.wait_for_weights = wait_for
         return True
-
-
-def _host_copy(expert: WanDiT, *, pin: bool) -> _HostCopy:
-    """The expert's parameters and buffers grouped as a forward reads them: everything outside the
-    blocks first (embeddings, head), then block by block."""
-    groups: list[list[tuple[nn.Module, str, torch.Tensor]]] = [[]]
-    block_of = {id(m): i for i, b in enumerate(expert.blocks) for m in b.modules()}
-    per_block: list[list[tuple[nn.Module, str, torch.Tensor]]] = [[] for _ in expert.blocks]
-    for module in expert.modules():
-        tensors = list(module._parameters.items()) + list(module._buffers.items())
-        for name, t in tensors:
-            if t is None:
-                continue
-            host = torch.empty_like(t, device="cpu", pin_memory=pin)
-            host.copy_(t)
-            index = block_of.get(id(module))
-            (groups[0] if index is None else per_block[index]).append((module, name, host))
-    return _HostCopy(groups + per_block)
-
-
-def _set_tensor(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    param = owner._parameters.get(name)
-    if param is not None:
-        param.data = tensor          # same Parameter object: compiled code and references stay valid
-    else:
-        owner._buffers[name] = tensor
