@@ -230,3 +230,13 @@ def test_swap_streams_the_experts_and_matches_resident_on_cuda(tmp_path):
             assert all(r.expert_loads == 2 for r in results[1:])
     for a, b in zip(videos["resident"], videos["swap"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ode_sampling_is_deterministic_and_differs_from_sde(tmp_path):
+    engine = _engine()
+    spec = engine.load_spec("tiny-i2v")
+    image = _image(tmp_path)
+    ode = [engine.generate(spec, _request(image, sampler="ode", num_steps=3)).frames for _ in range(2)]
+    sde = engine.generate(spec, _request(image, num_steps=3)).frames
+    np.testing.assert_array_equal(ode[0], ode[1])
+    assert not np.array_equal(ode[0], sde)
