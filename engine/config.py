@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from .errors import RequestError
 
-__all__ = ["TINY_SIZES", "WAN_SIZES", "AttentionType", "UMT5Config", "VAEConfig", "WanConfig",
-           "latent_shape"]
+__all__ = ["DANCE_SIZES", "TINY_DANCE_SIZES", "TINY_SIZES", "WAN_SIZES", "AttentionType", "UMT5Config",
+           "VAEConfig", "WanConfig", "latent_shape"]
 
 
 class AttentionType(enum.StrEnum):
@@ -60,6 +60,16 @@ TINY_SIZES: dict[str, dict[str, tuple[int, int]]] = {
              "4:3": (96, 64), "3:4": (64, 96)},
     "720p": {"16:9": (160, 96), "9:16": (96, 160), "1:1": (128, 128),
              "4:3": (128, 96), "3:4": (96, 128)},
+}
+
+# SteadyDancer: a max area (the output follows the reference's aspect), 1024×576 as its README runs it.
+DANCE_SIZES: dict[str, dict[str, tuple[int, int]]] = {
+    "576p": {"16:9": (1024, 576), "9:16": (576, 1024)},
+    "480p": {"16:9": (832, 480), "9:16": (480, 832)},
+}
+TINY_DANCE_SIZES: dict[str, dict[str, tuple[int, int]]] = {
+    "576p": {"16:9": (96, 64), "9:16": (64, 96)},
+    "480p": {"16:9": (80, 48), "9:16": (48, 80)},
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, cast
 
 import numpy as np
@@ -72,6 +73,7 @@ class GenerationResult:
     expert_policy: str = ""
     expert_loads: int = 0
     expert_group: int = 0
+    sampler: str = ""                       # e.g. unipc-40-official-shift5 (dance); "" = rCM
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,10 @@ def load(spec: LoadSpec, settings: EngineSettings, *, embedding_cache: Embedding
     if spec.model.mode == "i2v":
         from .i2v import WanI2VPipeline
         return WanI2VPipeline(spec, settings, embedding_cache=embedding_cache, budget_bytes=budget_bytes)
-    raise RequestError("mode", spec.model.mode, "t2v | i2v (dance presets are not in this version)")
+    if spec.model.mode == "dance":
+        from .dance import SteadyDancerPipeline
+        return SteadyDancerPipeline(spec, settings, embedding_cache=embedding_cache)
+    raise RequestError("mode", spec.model.mode, "t2v | i2v | dance")
 
 
 # The activations and decode buffers of a 14B DiT at 720p × 81 frames beside its weights: peak
@@ -175,7 +180,9 @@ class Engine:
         self.cache: ModelCache[Pipeline] = ModelCache(
             device_budget_bytes(self.device, settings.vram_budget_gb))
 
-    def load_spec(self, model: str, quant_linear: str = "auto") -> LoadSpec:
+    def load_spec(self, model: str, quant_linear: str = "auto", lora: str | None = None) -> LoadSpec:
+        """`lora`: a LoRA file (a name in the checkpoints folder, or a path) merged into the DiT at
+        load (dance's step-distill LoRA); part of the loaded weights' identity."""
         spec = get_model(model)
         if self.random_weights and not spec.random_init:
             if not self.settings.allow_random_weights:
@@ -183,7 +190,14 @@ class Engine:
                                    "only for benchmarks: set TURBO_ALLOW_RANDOM_WEIGHTS=1 to allow it")
             files = ModelFiles()
         else:
-            files = resolve_files(spec, self.settings.checkpoints_dir, quant_linear=quant_linear)
+            overrides = {}
+            if lora:
+                if not any(f.role == "lora" for f in spec.files):
+                    raise RequestError("lora", lora, f"no LoRA: {spec.name} takes none")
+                root = self.settings.checkpoints_dir or Path("checkpoints")
+                overrides["lora"] = Path(lora) if Path(lora).is_absolute() else root / lora
+            files = resolve_files(spec, self.settings.checkpoints_dir, quant_linear=quant_linear,
+                                  overrides=overrides)
         return LoadSpec(model=spec, files=files, device=self.device, dtype=self.dtype,
                         int8_kernels=self.settings.int8_kernels)
 

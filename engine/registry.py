@@ -10,6 +10,10 @@ files per role, as TurboDiffusion publishes them. Extra encoders (CLIP, DWPose) 
     text_encoder    UMT5Encoder                      models_t5_umt5-xxl-enc-bf16.pth
     tokenizer       the umT5 tokenizer (a folder)    google/umt5-xxl/
 
+SteadyDancer-14B (dance) reads its DiT from the official sharded folder
+(`SteadyDancer-14B/diffusion_pytorch_model.safetensors.index.json` and its shards) or one single
+file, plus CLIP ViT-H (`clip`), and an optional step-distill LoRA (`lora`, named by the row).
+
 Wan2.2 A14B image-to-video has two DiT roles, `dit_high` (the high-noise expert, sampling starts
 on it) and `dit_low`, each its own TurboWan2.2 file, and the Wan2.1 VAE and umT5 above.
 
@@ -25,7 +29,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TINY_SIZES, UMT5Config, VAEConfig, WanConfig
+from .clip import CLIP_FILE, TINY_CLIP, CLIPConfig
+from .config import DANCE_SIZES, TINY_DANCE_SIZES, TINY_SIZES, UMT5Config, VAEConfig, WanConfig
+from .dance_dit import DancerConfig
 from .errors import CheckpointError, RequestError
 
 __all__ = ["MODELS", "CheckpointFile", "ModelFiles", "ModelSpec", "get_model", "model_names",
@@ -48,6 +54,8 @@ class ModelSpec:
     config: WanConfig                         # the DiT shape, shared by all of its DiTs
     files: tuple[CheckpointFile, ...]
     dits: tuple[str, ...] = ("dit",)          # DiT roles in sampling order
+    clip: CLIPConfig | None = None            # an image encoder (dance)
+    dancer: DancerConfig | None = None        # SteadyDancer's pose conditioning (dance)
 
     @property
     def random_init(self) -> bool:
@@ -121,6 +129,13 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
                               quant_name=_TURBO_A14B.format("low", "-quant")),
                *_WAN21_COMMON),
         dits=("dit_high", "dit_low")),
+    ModelSpec(
+        name="steadydancer-14b", mode="dance",
+        config=WanConfig(name="steadydancer-14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+                         in_dim=36, default_resolution="576p", sizes=DANCE_SIZES, param_billions=16.4),
+        files=(CheckpointFile("dit", "SteadyDancer-14B/diffusion_pytorch_model.safetensors.index.json"),
+               CheckpointFile("clip", CLIP_FILE), CheckpointFile("lora", "", optional=True), *_WAN21_COMMON),
+        clip=CLIPConfig(), dancer=DancerConfig()),
     # Same classes, tiny dimensions: output is noise. Seeded random weights, or tiny files of
     # these names when the checkpoints folder holds them (tests save them in the real formats).
     ModelSpec(
@@ -141,6 +156,17 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
                CheckpointFile("text_encoder", "tiny-umt5.pth"),
                CheckpointFile("tokenizer", "tiny-tokenizer", folder=True, optional=True)),
         dits=("dit_high", "dit_low")),
+    ModelSpec(
+        name="tiny-dance", mode="dance",
+        config=dataclasses.replace(_TINY_CONFIG, name="tiny-dance", in_dim=36, default_resolution="576p",
+                                   sizes=TINY_DANCE_SIZES),
+        files=(CheckpointFile("dit", "tiny-dance/diffusion_pytorch_model.safetensors.index.json"),
+               CheckpointFile("clip", "tiny-clip.pth"), CheckpointFile("lora", "", optional=True),
+               CheckpointFile("vae", "tiny-vae.pth"),
+               CheckpointFile("text_encoder", "tiny-umt5.pth"),
+               CheckpointFile("tokenizer", "tiny-tokenizer", folder=True, optional=True)),
+        clip=TINY_CLIP, dancer=DancerConfig(clip_dim=TINY_CLIP.dim, clip_tokens=TINY_CLIP.seq_len,
+                                            align_dim=16, align_heads=2)),
 )}
 
 
@@ -187,7 +213,7 @@ def resolve_files(
         present = path.is_dir() if f.folder else path.is_file()
         if present:
             paths[f.role] = path
-        elif not f.optional:
+        elif not f.optional or f.role in overrides:     # a file asked for by name must exist
             missing.append(f"{path}/ ({f.role} folder)" if f.folder else str(path))
     if missing:
         raise CheckpointError(root, f"missing checkpoint files for {spec.name}: " + ", ".join(missing)

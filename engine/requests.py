@@ -122,15 +122,45 @@ class I2VRequest(GenerationRequest):
 
 @dataclass(frozen=True)
 class DanceRequest(GenerationRequest):
-    """Pose-driven video: the person in `image` moves like the poses in `pose_video`."""
+    """Pose-driven video: the person in `image` moves like the poses the pose stage extracted
+    (npz files of aligned keypoints, and of their randomly distorted copies for pose guidance).
+
+    guidance: "auto" (fast with a LoRA merged, else official), "official" (text CFG
+    `guide_scale`, pose CFG `pose_guide_scale` inside step fractions 0.1–0.4), "fast" (cfg 1).
+    shift: None = 5, or 3 at 480p sizes (SteadyDancer's defaults)."""
     image: str = ""
-    pose_video: str = ""
+    poses: str = ""
+    negative_poses: str = ""
+    num_steps: int = 40
+    resolution: str = "576p"
+    guidance: str = "auto"
+    guide_scale: float = 5.0
+    pose_guide_scale: float = 1.5
+    shift: float | None = None
+    attention_type: str = "original"
 
     def validated(self, config: WanConfig) -> Self:
-        for name in ("image", "pose_video"):
+        for name in ("image", "poses"):
             if not getattr(self, name):
                 raise RequestError(name, getattr(self, name), "a local file (made by the fetch and pose stages)")
-        return super().validated(config)
+        steps = _as_int("num_steps", self.num_steps)
+        if not 1 <= steps <= 100:
+            raise RequestError("num_steps", self.num_steps, "1 to 100 (40 official, 4 with the step-distill LoRA)")
+        if str(self.attention_type).lower() not in ("original", "auto"):
+            raise RequestError("attention_type", self.attention_type,
+                               "original (SteadyDancer runs dense attention only)")
+        if self.guidance not in ("auto", "official", "fast"):
+            raise RequestError("guidance", self.guidance, "auto | official | fast")
+        scales = {n: _as_float(n, getattr(self, n)) for n in ("guide_scale", "pose_guide_scale")}
+        for name, value in scales.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise RequestError(name, getattr(self, name), "a finite number ≥ 0")
+        shift = None if self.shift is None else _as_float("shift", self.shift)
+        if shift is not None and not (math.isfinite(shift) and shift > 0):
+            raise RequestError("shift", self.shift, "a positive number (default 5; 3 at 480p)")
+        base = replace(self, num_steps=4, attention_type="original")   # rCM's 1–4 step rule is not ours
+        return replace(GenerationRequest.validated(base, config), num_steps=steps, shift=shift,
+                       guide_scale=scales["guide_scale"], pose_guide_scale=scales["pose_guide_scale"])
 
 
 REQUEST_TYPES: dict[str, type[GenerationRequest]] = {

@@ -39,6 +39,8 @@ def sync(device: torch.device) -> None:
 
 
 class WanPipelineBase:
+    build_attention = "auto"      # the backend the DiT is built with (dance: dense, never SLA)
+
     def __init__(self, load_spec: LoadSpec, settings: EngineSettings, *,
                  embedding_cache: EmbeddingStore | None = None,
                  offload_text_encoder: bool | None = None):
@@ -46,7 +48,7 @@ class WanPipelineBase:
         self.config = load_spec.model.config
         self.files, self.device, self.dtype = load_spec.files, load_spec.device, load_spec.dtype
         # The build-time backend: the kernels are built whenever installed, whatever the request.
-        self.attention = AttentionSpec(type=resolve_attention("auto", self.device))
+        self.attention = AttentionSpec(type=resolve_attention(self.build_attention, self.device))
         self.embedding_cache = embedding_cache
         self.offload_text_encoder = (self.config.param_billions >= 5) if offload_text_encoder is None \
             else offload_text_encoder
