@@ -2,7 +2,7 @@
 
 Rows arrive by reference: `manifest` is the sink key of the batch's validated manifest
 (tasks/runs.py) and `rows` their positions in it, so flow-run parameters stay small whatever the
-prompts hold. Each row runs its mode's stages (`MODE_STAGES` below: fetch → [pose] → identify →
+prompts hold. Each row runs its mode's stages (`MODE_STAGES` below: fetch → identify → [pose] →
 generate → deliver); the row's output key is computed here, on the host that
 generates, from the checkpoint files it actually loads. The returned metrics rows are persisted
 so the parent batch flow can read them, and a table artifact is written per shard.
@@ -23,6 +23,7 @@ from engine.settings import EngineSettings
 from flows import interrupt, progress
 from tasks.fetch import FetchSettings
 from tasks.metrics import metrics_frame, publish_artifacts
+from tasks.pose import PoseSettings, PoseStage
 from tasks.rows import RowRunner
 from tasks.runs import load_rows
 from tasks.upload import sink_from_uri
@@ -34,7 +35,9 @@ __all__ = ["MODE_STAGES", "gpu_shard", "new_engine"]
 MODE_STAGES: dict[str, tuple[str, ...]] = {
     "t2v": ("fetch", "identify", "generate", "deliver"),
     "i2v": ("fetch", "identify", "generate", "deliver"),
-    "dance": ("fetch", "pose", "identify", "generate", "deliver"),
+    # identify before pose: the row's key comes from its inputs and settings, so a finished row
+    # skips pose extraction too
+    "dance": ("fetch", "identify", "pose", "generate", "deliver"),
 }
 
 
@@ -59,7 +62,8 @@ def gpu_shard(manifest: str, rows: list[int], sink: str, shard: int = 0, attempt
     work_root = Path(tempfile.mkdtemp(prefix=f"turbo-shard{shard}-"))
     keep = os.environ.get("TURBO_KEEP_WORK") == "1"
     runner = RowRunner(engine, out, work_root, FetchSettings.from_env(os.environ), MODE_STAGES, attempt=attempt,
-                       on_done=progress.row_done, keep_work=keep)
+                       on_done=progress.row_done, keep_work=keep,
+                       pose_stage=PoseStage(PoseSettings.from_env(os.environ, checkpoints_dir=checkpoints_dir)))
     try:
         with interrupt.rows_scope():
             for i, row in enumerate(items):

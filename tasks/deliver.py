@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,10 @@ from tasks.upload import Sink
 from tasks.validate_video import validate_video
 
 CONTENT_TYPES = {".mp4": "video/mp4", ".jpg": "image/jpeg", ".webp": "image/webp",
-                 ".json": "application/json"}
+                 ".json": "application/json",
+                 # a dance row's pose stage outputs, uploaded beside its video
+                 ".pose.mp4": "video/mp4", ".pose.npz": "application/octet-stream",
+                 ".pose-negative.npz": "application/octet-stream", ".pose.json": "application/json"}
 
 
 @dataclass
@@ -62,9 +65,13 @@ def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink,
     validate_video(out.video_path, out.width, out.height, out.frames,
                    expect_audio=bool(fields.get("audio")))
     t2 = time.perf_counter()
-    files = [out.video_path, out.poster_path] + ([out.preview_path] if out.preview_path else [])
+    files = {".mp4": Path(out.video_path), ".jpg": Path(out.poster_path)}
+    if out.preview_path:
+        files[".webp"] = Path(out.preview_path)
+    # Other stages' outputs for the sink (the pose stage's), by extension: `<key><ext>`.
+    files.update({ext: Path(p) for ext, p in (fields.get("extras") or {}).items()})
     meta = {"key": key, "width": out.width, "height": out.height, "frames": out.frames, "fps": out.fps}
-    results, written = (upload or run_upload_outputs)([Path(p) for p in files], key, sink, meta)
+    results, written = (upload or run_upload_outputs)(files, key, sink, meta)
     t3 = time.perf_counter()
     video = results[".mp4"]
     return DeliverOutput(
@@ -76,13 +83,12 @@ def run_deliver(frames_path: Path, fields: dict, key: str, sink: Sink,
         sha256=video.sha256, bytes=video.bytes, uploaded=written)
 
 
-def run_upload_outputs(files: list[Path], key: str, sink: Sink, meta: dict) -> tuple[dict, int]:
+def run_upload_outputs(files: Mapping[str, Path], key: str, sink: Sink, meta: dict) -> tuple[dict, int]:
     """Upload each output as `<key><ext>`, then the record naming them all (the commit marker)."""
-    results = {f.suffix: sink.put(f, f"{key}{f.suffix}", content_type=CONTENT_TYPES[f.suffix])
-               for f in files}
+    results = {ext: sink.put(f, f"{key}{ext}", content_type=CONTENT_TYPES[ext]) for ext, f in files.items()}
     record = {**meta, "outputs": {ext: {"key": r.key, "uri": r.uri, "sha256": r.sha256,
                                         "bytes": r.bytes} for ext, r in results.items()}}
-    record_path = files[0].parent / f"{key}.json"
+    record_path = files[".mp4"].parent / f"{key}.json"
     record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
     rec = sink.put(record_path, f"{key}.json", content_type=CONTENT_TYPES[".json"],
                    cache_control="no-cache", overwrite=True)

@@ -36,6 +36,7 @@ class GenerateOutput:
     expert_policy: str = ""          # two-expert models: where the experts lived (engine/experts.py)
     expert_loads: int = 0            # experts moved onto the GPU for this row (or its group)
     expert_group: int = 0            # rows that shared those moves (the sequential policy)
+    sampler: str = ""                # dance: which UniPC run (steps, guidance, shift)
 
 
 def gpu_label() -> str:
@@ -85,7 +86,7 @@ def _save(result: GenerationResult, work_dir: Path) -> GenerateOutput:
         frames=result.num_frames, fps=result.fps, timings=result.timings,
         peak_vram_gb=result.peak_vram_gb, text_cache_hit=result.text_cache_hit, gpu=gpu_label(),
         warnings=result.warnings, expert_policy=result.expert_policy, expert_loads=result.expert_loads,
-        expert_group=result.expert_group)
+        expert_group=result.expert_group, sampler=result.sampler)
 
 
 # No retries: a bad request or CUDA OOM does not get better by repeating it on the same GPU.

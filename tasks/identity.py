@@ -57,6 +57,9 @@ def row_hash(row: ManifestRow, model_id: str, input_digests: Mapping[str, str] |
         "inputs": {c: reference(c, getattr(row, c)) for c in INPUT_COLUMNS},
         "postprocess": post,
     }
+    if row.mode == "dance":   # the pose stage's settings and version (other modes' keys unchanged)
+        from tasks.pose import POSE_VERSION
+        payload["pose"] = {"fill": row.fill, "align_frame": row.align_frame, "version": POSE_VERSION}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

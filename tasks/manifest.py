@@ -51,9 +51,14 @@ GENERATION_COLUMNS = ("resolution", "aspect_ratio", "num_frames", "num_steps", "
                       "attention_type", "sla_topk", "quant_linear")
 # Request fields of i2v rows only (I2VRequest): a t2v or dance row that sets one is refused.
 I2V_COLUMNS = ("adaptive_resolution", "boundary")
+# Dance rows: the sampler's guidance (a request field), the pose stage's settings and the LoRA
+# merged at load (a file in the checkpoints folder: part of the loaded weights, not the request).
+DANCE_REQUEST_COLUMNS = ("guidance",)
+DANCE_COLUMNS = ("guidance", "fill", "align_frame", "lora")
+FILLS = ("error", "loop", "pad")
 POSTPROCESS_COLUMNS = ("fps", "interpolate_fps", "upscale", "watermark", "preview", "audio")
 OUTPUT_COLUMNS = ("output_name", "num_samples")
-COLUMNS = (IDENTITY_COLUMNS + INPUT_COLUMNS + GENERATION_COLUMNS + I2V_COLUMNS + POSTPROCESS_COLUMNS
+COLUMNS = (IDENTITY_COLUMNS + INPUT_COLUMNS + GENERATION_COLUMNS + I2V_COLUMNS + DANCE_COLUMNS + POSTPROCESS_COLUMNS
            + OUTPUT_COLUMNS)
 REQUIRED_COLUMNS = ("id", "mode", "prompt")
 # Per-row by nature: a run-wide value would make every row the same item.
@@ -69,7 +74,7 @@ _REQUEST_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fiel
 _I2V_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(I2VRequest)}
 # Request fields that name files: checked as their own columns, so validating the other fields of
 # a row passes a placeholder (`validated()` refuses them empty).
-_FILE_FIELDS = ("image", "pose_video")
+_FILE_FIELDS = ("image", "poses")
 MAX_FPS, MAX_INTERPOLATE_FPS, MAX_UPSCALE = 60, 120, 4.0
 MAX_SAMPLES = 1000
 MAX_WATERMARK_TEXT = 200
@@ -133,6 +138,11 @@ class ManifestRow:
     # i2v only (unused by other modes); an i2v row's sigma_max default is I2VRequest's, set by read_manifest
     adaptive_resolution: bool = _I2V_DEFAULTS["adaptive_resolution"]
     boundary: float = _I2V_DEFAULTS["boundary"]
+    # dance only
+    guidance: str = "auto"         # auto (fast with a LoRA, else official) | official | fast
+    fill: str = "error"            # a driving video shorter than num_frames: error | loop | pad
+    align_frame: int = 0           # the driving frame whose limb lengths are matched to the reference
+    lora: str | None = None        # a step-distill LoRA file in the checkpoints folder
     fps: int = DEFAULT_FPS
     interpolate_fps: int | None = None
     upscale: float | None = None
@@ -153,6 +163,8 @@ class ManifestRow:
         files = inputs or {}
         if self.mode in ("i2v", "dance") and "image" in files:
             fields["image"] = str(files["image"])
+        if self.mode == "dance":     # the pose stage's outputs
+            fields.update({c: str(files[c]) for c in ("poses", "negative_poses") if c in files})
         return REQUEST_TYPES[self.mode](prompt=self.prompt, **fields)
 
     def postprocess_fields(self) -> dict[str, Any]:
@@ -202,8 +214,8 @@ class Manifest:
 
 def request_columns(mode: str | None) -> tuple[str, ...]:
     """The generation columns a row of `mode` passes to its request: GENERATION_COLUMNS, plus
-    I2V_COLUMNS for i2v."""
-    return GENERATION_COLUMNS + (I2V_COLUMNS if mode == "i2v" else ())
+    I2V_COLUMNS for i2v, the guidance for dance."""
+    return GENERATION_COLUMNS + {"i2v": I2V_COLUMNS, "dance": DANCE_REQUEST_COLUMNS}.get(mode or "", ())
 
 
 # ── entry point ──────────────────────────────────────────────────────────────────────────────────
@@ -450,6 +462,13 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
         for column in I2V_COLUMNS:
             if (cell := _clean(raw.get(column))) is not None:
                 fail(column, cell, f"{column} is for mode i2v only (this row is {mode})")
+    dance: dict[str, Any] = {}
+    if mode is not None and mode != "dance":
+        for column in DANCE_COLUMNS:
+            if (cell := _clean(raw.get(column))) is not None:
+                fail(column, cell, f"{column} is for mode dance only (this row is {mode})")
+    elif mode == "dance":
+        dance = _dance_settings(value_of, fail)
     if config is not None:
         columns = request_columns(mode)
         given: dict[str, Any] = {c: v for c in columns if (v := value_of(c)) is not None}
@@ -464,6 +483,9 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
             fail(exc.field, given.get(exc.field, exc.value), f"must be {exc.allowed}")
         if request is not None:
             generation = {c: getattr(request, c) for c in columns}
+
+    if dance.get("align_frame", 0) >= generation.get("num_frames", 1 << 30):
+        fail("align_frame", str(dance["align_frame"]), f"must be below num_frames ({generation['num_frames']})")
 
     # 3. Inputs and mode rules
     def reference(column: str, check: Callable[[str], object]) -> str | None:
@@ -542,10 +564,36 @@ def _validate_row(number: int, raw: Mapping[str, str | None],
     return ManifestRow(
         row=number, id=row_id, mode=mode, prompt=prompt, model=model,
         image=inputs["image"], driving_video=inputs["driving_video"], **generation,
+        **dance,
         fps=fps, interpolate_fps=post.get("interpolate_fps"), upscale=post.get("upscale"),
         watermark=post.get("watermark"), preview=bool(post.get("preview")), audio=post.get("audio"),
         output_name=output_name or row_id, num_samples=samples,
     ), []
+
+
+def _dance_settings(value_of: Callable[[str], str | None], fail: Callable[..., None]) -> dict[str, Any]:
+    """fill, align_frame and lora of a dance row (guidance is checked with the request)."""
+    out: dict[str, Any] = {}
+    fill = value_of("fill")
+    if fill is not None:
+        if fill.lower() in FILLS:
+            out["fill"] = fill.lower()
+        else:
+            fail("fill", fill, "must be " + " | ".join(FILLS) + " (what to do when the driving video is short)")
+    align = value_of("align_frame")
+    if align is not None:
+        number = _integral(align)
+        if number is None or number < 0:
+            fail("align_frame", align, "must be a frame number ≥ 0 (default 0)")
+        else:
+            out["align_frame"] = number
+    lora = value_of("lora")
+    if lora is not None:
+        if _is_safe_name(lora):
+            out["lora"] = lora
+        else:
+            fail("lora", lora, f"must be a file name in the checkpoints folder: {SAFE_NAME_RULE}")
+    return out
 
 
 def _validate_generation(given: Mapping[str, Any], config: WanConfig, prompt: str,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tasks.fetch import FetchedInputs
     from tasks.generate import GenerateOutput
     from tasks.manifest import ManifestRow, RowError
+    from tasks.pose import PoseOutput
 
 __all__ = ["COLUMNS", "STATUSES", "MetricsRow", "metrics_frame", "publish_artifacts",
            "summary", "summary_markdown", "write_metrics"]
@@ -44,6 +45,8 @@ COLUMNS: dict[str, pl.DataType] = {
     "peak_vram_gb": pl.Float64(), "text_cache_hit": pl.Boolean(),
     # two-expert models (i2v): memory policy, experts moved onto the GPU, rows sharing those moves
     "expert_policy": pl.String(), "expert_loads": pl.Int64(), "expert_group": pl.Int64(),
+    # dance: the pose stage's frames and rate, and the sampler that ran
+    "pose_frames": pl.Int64(), "pose_fps": pl.Float64(), "sampler": pl.String(),
     # outputs
     "output_uri": pl.String(), "poster_uri": pl.String(), "preview_uri": pl.String(),
     "presigned_url": pl.String(), "poster_presigned_url": pl.String(), "sha256": pl.String(),
@@ -85,6 +88,9 @@ class MetricsRow:
     expert_policy: str | None = None
     expert_loads: int | None = None
     expert_group: int | None = None
+    pose_frames: int | None = None
+    pose_fps: float | None = None
+    sampler: str | None = None
     output_uri: str | None = None
     poster_uri: str | None = None
     preview_uri: str | None = None
@@ -110,10 +116,15 @@ class MetricsRow:
         self.t_fetch_s = out.t_fetch_s
         return self
 
+    def posed(self, out: PoseOutput) -> MetricsRow:
+        self.t_pose_s, self.pose_frames, self.pose_fps = out.t_pose_s, out.pose_frames, out.pose_fps
+        return self
+
     def generated(self, out: GenerateOutput) -> MetricsRow:
         t = out.timings
         self.gpu, self.peak_vram_gb, self.text_cache_hit = out.gpu, out.peak_vram_gb, out.text_cache_hit
         self.t_text_s, self.t_denoise_s, self.t_vae_s = t["text_s"], t["denoise_s"], t["vae_s"]
+        self.sampler = out.sampler or None
         if out.expert_policy:
             self.t_image_s = t.get("image_s")
             self.t_switch_s = t.get("switch_s", 0.0) + t.get("expert_in_s", 0.0)

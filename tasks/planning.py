@@ -29,7 +29,8 @@ class Shard(Generic[R]):
 
 
 def model_key(row) -> tuple:
-    return (row.model, row.quant_linear)
+    """What selects the loaded weights: a dance row's LoRA is merged into them at load."""
+    return (row.model, row.quant_linear, getattr(row, "lora", None))
 
 
 def row_cost(row) -> float:

@@ -36,13 +36,14 @@ from tasks.generate import GenerateOutput, generate, generate_finish, generate_s
 from tasks.identity import row_key
 from tasks.manifest import ManifestRow
 from tasks.metrics import MetricsRow
+from tasks.pose import PoseOutput, PoseStage, pose
 from tasks.text import shown
 from tasks.upload import Sink
 
 __all__ = ["STAGES", "RowRunner", "check_completed"]
 
 # The stages a mode's list (flows/shard.py: MODE_STAGES) may name, in the order they can run.
-STAGES = ("fetch", "pose", "identify", "generate", "deliver")
+STAGES = ("fetch", "identify", "pose", "generate", "deliver")
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class _Row:
     key: str = ""
     generated: GenerateOutput | None = None
     pending: object = None                  # a started, parked row (sequential policy)
+    pose: PoseOutput | None = None
     delivery: PrefectFuture[Any] | None = None
 
 
@@ -76,6 +78,7 @@ class RowRunner:
     on_done: Callable[[str, str], None] = lambda row_id, status: None
     overlap: bool = True                      # False: wait for each delivery (CPU generation)
     keep_work: bool = False                   # keep each row's work folder (debugging)
+    pose_stage: PoseStage | None = None       # dance rows: the DWPose detector, loaded once
     results: list[MetricsRow] = field(default_factory=list)
     _pending: list[_Row] = field(default_factory=list)
     _parked: list[_Row] = field(default_factory=list)
@@ -127,10 +130,18 @@ class RowRunner:
         return False
 
     def _pose(self, s: _Row, _: int) -> bool:
-        raise NotImplementedError("dance mode (the pose stage) is not in this version")
+        if self.pose_stage is None:
+            raise RuntimeError("this shard has no pose stage configured (PoseSettings)")
+        assert s.inputs is not None
+        s.pose = pose(s.row, s.work / "pose", s.inputs.files, self.pose_stage)
+        s.inputs.files.update({k: s.pose.files[k] for k in ("poses", "negative_poses")})
+        s.metrics.posed(s.pose)
+        for warning in s.pose.warnings:
+            log.warning("row %s (%s): %s", s.row.row, shown(s.row.id), warning)
+        return False
 
     def _identify(self, s: _Row, _: int) -> bool:
-        s.spec = self.engine.load_spec(s.row.model, s.row.quant_linear)
+        s.spec = self.engine.load_spec(s.row.model, s.row.quant_linear, lora=s.row.lora)
         s.key = row_key(s.row, self.engine, s.spec, s.inputs.digests if s.inputs else None)
         record = check_completed(self.sink, s.key)
         if record is None:
@@ -179,6 +190,8 @@ class RowRunner:
         # ffmpeg only ever gets the fetched files (safe names in the work folder), never URIs.
         fetched = s.inputs.files if s.inputs else {}
         fields.update({c: str(fetched[c]) for c in ("watermark", "audio") if c in fetched})
+        if s.pose is not None:
+            fields["extras"] = s.pose.extras
         s.delivery = deliver.submit(s.generated.frames_path, fields, s.key, self.sink)
         self._pending.append(s)
         return False

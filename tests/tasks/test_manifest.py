@@ -69,7 +69,8 @@ BAD_ROWS: dict[int, dict[str, str]] = {
     4: {"id": "not a safe id"},
     5: {"mode": "must be t2v | i2v | dance"},
     6: {"prompt": "required"},
-    7: {"model": "model wan9-t2v-99b is not available in this version; available: tiny-i2v, tiny-t2v"},
+    7: {"model": "model wan9-t2v-99b is not available in this version; available: steadydancer-14b, tiny-dance, "
+          "tiny-i2v, tiny-t2v"},
     8: {"resolution": "480p | 720p"},
     9: {"aspect_ratio": "16:9"},
     10: {"num_frames": "4k+1 between 1 and 125"},
@@ -90,7 +91,7 @@ BAD_ROWS: dict[int, dict[str, str]] = {
     25: {"output_name": "not a safe name"},
     26: {"preview": "true/false"},
     27: {"num_samples": "between 1 and 1000"},
-    29: {"model": "steadydancer-14b is not available", "driving_video": "dance needs a driving_video"},
+    29: {"driving_video": "dance needs a driving_video", "num_steps": "1 to 100"},
     30: {"image": "file:// is not allowed"},
     31: {"model": "tiny-t2v is a t2v model, not i2v"},
 }
@@ -523,8 +524,8 @@ def test_dance_inputs_are_probed(tmp_path: Path, media: dict[str, Path]) -> None
                                      "a,dance,x,person.png,moves.mp4\n"
                                      "b,dance,x,person.png,person.png\n")
     errors = {(e.row, e.column): e.reason for e in read_manifest(path).errors}
-    # the dance model is not in this version, so every dance row fails on model; inputs are checked too
-    assert set(errors) == {(1, "model"), (2, "model"), (2, "driving_video")}
+    # the inputs are checked at validation: a still image is no driving video
+    assert set(errors) == {(2, "driving_video")}
     assert "still image" in errors[(2, "driving_video")]
 
 

@@ -82,7 +82,7 @@ def run_upload(sink: S3Sink, files: list[Path]) -> tuple[Any, TaskRun]:
 
     @flow(name="upload-retries")
     def upload_flow() -> tuple[dict, int]:
-        return upload(files, KEY, sink, {"key": KEY})
+        return upload({f.suffix: f for f in files}, KEY, sink, {"key": KEY})
 
     state = upload_flow(return_state=True)
     return state, _task_run(state.state_details.flow_run_id)
