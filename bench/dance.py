@@ -11,6 +11,10 @@
    for `--official-steps` steps, which gives measured seconds per step with pose CFG (3 forwards)
    and without (2). The 40-step official denoise is then 11 steps with pose CFG + 29 without
    (engine/flow_sampler.py), computed from those measured step times and labelled so.
+3. `--pose-cpu`: DWPose throughput (frames/s) of the pose stage on this machine's CPU, through
+   rtmlib and onnxruntime on stand-in graphs with the real models' input sizes (640×640 detector,
+   288×384 pose model; tests/pose/graphs.py): it measures the stage's decode, pre- and
+   post-processing, not the real networks' compute. Merged into an existing dance.json.
 Writes docs/benchmarks/dance.json and a section of docs/BENCHMARKS.md.
 """
 
@@ -94,6 +98,44 @@ def forward_times(pipe, args, width: int, height: int) -> dict[str, float]:
     return out
 
 
+def pose_cpu(args: argparse.Namespace) -> None:
+    import json
+
+    from bench.report import ROOT, card_name
+    from pose.detector import DWPose
+    from tests.pose.graphs import person_image, write_driving_video, write_dwpose_stand_ins
+    tmp = Path(args.tmp)
+    detector = DWPose.from_folder(write_dwpose_stand_ins(tmp / "dwpose-stand-ins"), device="cpu")
+    frames = [person_image(576, 1024, (200 + i, 100, 380 + i, 900)) for i in range(args.frames)]
+    detector.detect(frames[0])                    # sessions warm
+    t0 = time.perf_counter()
+    found = detector.detect_many(frames)
+    detect_fps = len(frames) / (time.perf_counter() - t0)
+    from pose.extract import extract_poses
+    Image.fromarray(person_image(576, 1024, (200, 100, 380, 900))).save(tmp / "pose-ref.png")
+    video = write_driving_video(tmp / "pose-drive.mp4", seconds=6, fps=30, size=(576, 1024), box=(180, 800))
+    t0 = time.perf_counter()
+    result = extract_poses(tmp / "pose-ref.png", video, detector, width=576, height=1024, num_frames=args.frames)
+    stage_s = time.perf_counter() - t0
+    entry = {"card": card_name(), "frames": len(frames), "people_found": sum(f is not None for f in found),
+             "detect_frames_per_s": round(detect_fps, 1), "stage_s": round(stage_s, 2),
+             "stage_frames_per_s": round(args.frames / stage_s, 1), "stage_timings": result.timings,
+             "graphs": "stand-ins with the real input sizes (not the real networks' compute)"}
+    print(entry)
+    path = ROOT / "docs" / "benchmarks" / "dance.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["dwpose_cpu"] = entry
+    if not args.no_write:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        with (ROOT / "docs" / "BENCHMARKS.md").open("a") as f:
+            f.write(f"\n## dance, pose stage on the CPU — {time.strftime('%Y-%m-%d')} — {entry['card']}\n\n"
+                    f"`python bench/dance.py --pose-cpu`\n\nDWPose through rtmlib/onnxruntime on stand-in "
+                    f"graphs of the real input sizes: {entry['detect_frames_per_s']} frames/s detection alone, "
+                    f"the whole stage (decode at 16 fps, detect, align, negatives, render at 2×) "
+                    f"{entry['stage_frames_per_s']} frames/s on {args.frames} frames of 576×1024. The real "
+                    "networks' compute is not in these numbers (no weights offline).\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="steadydancer-14b")
@@ -105,7 +147,11 @@ def main() -> None:
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--pose-cpu", action="store_true", help="only the pose stage's CPU throughput (stand-ins)")
     args = ap.parse_args()
+    if args.pose_cpu:
+        pose_cpu(args)
+        return
 
     engine = Engine(EngineSettings(allow_random_weights=True, compile="0"), device=args.device,
                     random_weights=args.model != "tiny-dance")

@@ -56,9 +56,11 @@ def batch_flow(
     random_weights: bool = False,
     validated: str | None = None,
     ignore_unknown: bool = False,
+    pose_ahead: bool = True,
 ) -> dict[str, Any]:
     """`validated`: a file written by `Manifest.save` (the CLI validates before it starts a server);
-    the manifest is then not read a second time."""
+    the manifest is then not read a second time. `pose_ahead`: dance rows' poses are extracted
+    here (the CPU pool), before the shards start, and stored in the sink for them."""
     log = get_run_logger()
     m = load_manifest(manifest, run_params or {}, strict, allow_https, validated, ignore_unknown)
     for w in m.warnings:
@@ -77,6 +79,8 @@ def batch_flow(
     shards = plan_shards(m.rows, gpus=max(n_gpus, 1), max_rows=max_rows_per_shard)
     log.info("%d valid rows, %d invalid, %d shards", len(m.rows), len(m.errors), len(shards))
     out = sink_from_uri(sink)
+    if pose_ahead:
+        _poses_ahead([r for r in m.rows if r.mode == "dance"], out, checkpoints_dir)
     run = RunFolder.new(_run_id())
     position = {id(r): i for i, r in enumerate(m.rows)}
     specs = [fanout.ShardSpec(index=s.index, rows=s.rows, positions=[position[id(r)] for r in s.rows])
@@ -102,6 +106,24 @@ def batch_flow(
     print(summary_markdown(df))
     problems = [f"row {r['row']} ({r['id']}): {r['error']}" for r in results if r["status"] in ("failed", "invalid")]
     return {**summary(df), "metrics": uris, "run": run.name, "problems": problems}
+
+
+def _poses_ahead(rows: list, out: Any, checkpoints_dir: str | None) -> None:
+    """Each dance row's pose stage as its own task run, a few at a time; a failure only means the
+    shard extracts that row's poses itself."""
+    if not rows:
+        return
+    from tasks.fetch import FetchSettings
+    from tasks.pose import PoseSettings, PoseStage, pose_ahead
+    log = get_run_logger()
+    stage = PoseStage(PoseSettings.from_env(os.environ, checkpoints_dir=checkpoints_dir))
+    fetch_settings = FetchSettings.from_env(os.environ)
+    futures = [pose_ahead.submit(r, stage, out, fetch_settings) for r in rows]
+    for r, f in zip(rows, futures):
+        try:
+            log.info("poses of row %s (%s): %s", r.row, r.id, f.result())
+        except Exception as e:       # e.g. no DWPose files on this host: the shard tries again
+            log.warning("poses of row %s (%s) not made ahead: %s", r.row, r.id, e)
 
 
 def _run_id() -> str | None:

@@ -46,7 +46,7 @@ COLUMNS: dict[str, pl.DataType] = {
     # two-expert models (i2v): memory policy, experts moved onto the GPU, rows sharing those moves
     "expert_policy": pl.String(), "expert_loads": pl.Int64(), "expert_group": pl.Int64(),
     # dance: the pose stage's frames and rate, and the sampler that ran
-    "pose_frames": pl.Int64(), "pose_fps": pl.Float64(), "sampler": pl.String(),
+    "pose_frames": pl.Int64(), "pose_fps": pl.Float64(), "pose_reused": pl.Boolean(), "sampler": pl.String(),
     # outputs
     "output_uri": pl.String(), "poster_uri": pl.String(), "preview_uri": pl.String(),
     "presigned_url": pl.String(), "poster_presigned_url": pl.String(), "sha256": pl.String(),
@@ -90,6 +90,7 @@ class MetricsRow:
     expert_group: int | None = None
     pose_frames: int | None = None
     pose_fps: float | None = None
+    pose_reused: bool | None = None          # taken from the sink's pose store (made ahead, or by a past run)
     sampler: str | None = None
     output_uri: str | None = None
     poster_uri: str | None = None
@@ -118,6 +119,7 @@ class MetricsRow:
 
     def posed(self, out: PoseOutput) -> MetricsRow:
         self.t_pose_s, self.pose_frames, self.pose_fps = out.t_pose_s, out.pose_frames, out.pose_fps
+        self.pose_reused = out.reused
         return self
 
     def generated(self, out: GenerateOutput) -> MetricsRow:

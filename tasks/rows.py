@@ -133,7 +133,8 @@ class RowRunner:
         if self.pose_stage is None:
             raise RuntimeError("this shard has no pose stage configured (PoseSettings)")
         assert s.inputs is not None
-        s.pose = pose(s.row, s.work / "pose", s.inputs.files, self.pose_stage)
+        s.pose = pose(s.row, s.work / "pose", s.inputs.files, self.pose_stage, sink=self.sink,
+                      digests=s.inputs.digests)
         s.inputs.files.update({k: s.pose.files[k] for k in ("poses", "negative_poses")})
         s.metrics.posed(s.pose)
         for warning in s.pose.warnings:

@@ -26,3 +26,11 @@ def test_i2v_bench_dry_run_on_cpu(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "resident" in run.stdout and "swap" in run.stdout and "160x96x5" in run.stdout
+
+
+def test_dance_bench_dry_run_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, "bench/dance.py", "--device", "cpu", "--model", "tiny-dance",
+                          "--frames", "5", "--repeats", "1", "--no-write", "--tmp", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "unipc-4-fast" in run.stdout and "unipc-5-official" in run.stdout

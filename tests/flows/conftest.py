@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.pose.graphs import write_dwpose_stand_ins  # noqa: E402
 from tests.s3server import S3TestServer, run_s3_server  # noqa: E402
 
 
@@ -145,7 +146,9 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectS
                    "PREFECT_LOCAL_STORAGE_PATH": str(root / "results"),
                    "R2_ENDPOINT_URL": s3.endpoint_url, "R2_ACCESS_KEY_ID": s3.access_key_id,
                    "R2_SECRET_ACCESS_KEY": s3.secret_access_key, "R2_CA_BUNDLE": str(s3.ca_path),
-                   "TURBO_EMBED_CACHE": str(root / "text-cache"), "PYTHONUNBUFFERED": "1"}
+                   "TURBO_EMBED_CACHE": str(root / "text-cache"), "PYTHONUNBUFFERED": "1",
+                   # DWPose stand-ins (tests/pose/graphs.py) for dance rows, on every worker
+                   "TURBO_POSE_DIR": str(write_dwpose_stand_ins(root / "dwpose"))}
             stack = PrefectStack(api_url=api_url, env=env, home=home, logs=logs, s3=s3)
             subprocess.run(["bash", "deployments/create-pools.sh"], env=env, cwd=home, check=True,
                            capture_output=True, timeout=120)

@@ -79,3 +79,18 @@ def test_bad_dance_inputs_are_the_rows_and_the_shard_goes_on(tmp_path, dance_inp
     monkeypatch.setenv("TURBO_POSE_DIR", str(tmp_path / "nowhere"))
     missing = run_shard([_row(5, dance_inputs)], sink=str(tmp_path / "out2"), engine=new_engine())
     assert missing[0]["status"] == "failed" and "yolox_l.onnx" in missing[0]["error"]
+
+
+@pytest.mark.timeout(600)
+def test_stored_poses_are_reused_and_a_damaged_store_is_extracted_again(tmp_path, dance_inputs, monkeypatch):
+    monkeypatch.setenv("TURBO_POSE_DIR", str(dance_inputs["root"] / "dwpose"))
+    sink = tmp_path / "out"
+    [made] = run_shard([_row(1, dance_inputs)], sink=str(sink), engine=new_engine())
+    assert made["status"] == "succeeded" and made["pose_reused"] is False
+    # Same inputs and pose settings, another sampler setting: a new row key, the same poses.
+    [reused] = run_shard([_row(1, dance_inputs, num_steps=2)], sink=str(sink), engine=new_engine())
+    assert reused["status"] == "succeeded" and reused["pose_reused"] is True
+    [stored] = list((sink / "poses").glob("*/poses.npz"))
+    stored.write_bytes(b"damaged")
+    [again] = run_shard([_row(1, dance_inputs, num_steps=1)], sink=str(sink), engine=new_engine())
+    assert again["status"] == "succeeded" and again["pose_reused"] is False

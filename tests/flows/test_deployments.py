@@ -187,6 +187,51 @@ def test_i2v_and_t2v_rows_run_on_separate_shards_and_upload_once(prefect_stack, 
     assert set(once.values()) == {1}, once
 
 
+@e2e[0]
+@e2e[1]
+def test_dance_rows_get_their_poses_on_the_cpu_pool_and_generate_on_the_gpu_pool(prefect_stack, tmp_path):
+    from PIL import Image
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tests.pose.graphs import person_image, write_driving_video
+
+    stack = prefect_stack
+    bucket, prefix = versioned_bucket(stack), "dance"
+    sink = f"s3://{bucket}/{prefix}"
+    Image.fromarray(person_image(120, 160, (40, 20, 80, 140))).save(tmp_path / "dancer.png")
+    write_driving_video(tmp_path / "moves.mp4")
+    manifest = tmp_path / "dance.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "mode", "prompt", "model", "image", "driving_video", "num_frames", "num_steps",
+                    "guidance", "seed"])
+        w.writerow(["dance-a", "dance", "a dancer", "tiny-dance", "dancer.png", "moves.mp4", 9, 3, "official", 1])
+        w.writerow(["dance-b", "dance", "a dancer", "tiny-dance", "dancer.png", "moves.mp4", 9, 4, "fast", 2])
+        w.writerow(["text-c", "t2v", "a lake", "tiny-t2v", "", "", 5, 2, "", 3])
+
+    run_batch(stack, manifest.resolve(), sink)
+
+    df = read_metrics(stack, bucket, prefix)
+    assert df["status"].to_list() == ["succeeded"] * 3, df.select("id", "status", "error")
+    dance = df.filter(pl.col("mode") == "dance")
+    # Made by the batch flow on the CPU pool, taken from the sink by the shards on the GPU pool.
+    assert dance["pose_reused"].to_list() == [True, True] and dance["pose_frames"].to_list() == [9, 9]
+    (batch,) = flow_runs(stack, "batch", sink)
+    assert batch.work_pool_name == "cpu"
+    with stack.settings(), get_client(sync_client=True) as client:
+        names = [t.name for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[batch.id])))]
+    assert sorted(n for n in names if n.startswith("pose-ahead-")) == ["pose-ahead-dance-a", "pose-ahead-dance-b"]
+    assert {r.work_pool_name for r in flow_runs(stack, "gpu-shard", sink)} == {"gpu"}
+
+    counts = versions_per_key(stack, bucket, prefix)
+    outputs = {k: n for k, n in counts.items() if not k.startswith((f"{prefix}/runs/", f"{prefix}/poses/"))}
+    assert set(outputs.values()) == {1}, outputs        # every output uploaded exactly once
+    assert len([k for k in outputs if k.endswith(".pose.mp4")]) == 2
+    assert len([k for k in outputs if k.endswith(".mp4") and not k.endswith(".pose.mp4")]) == 3
+
+
 def _assert_progress_complete(stack, sink: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
