@@ -84,10 +84,11 @@ class LoadSpec:
     device: torch.device                    # resolved: cuda:N, never bare "cuda"
     dtype: torch.dtype
     int8_kernels: bool = False
+    fp8: bool = False                       # block linears converted to e4m3 at load (engine/fp8.py)
 
     def cache_key(self) -> tuple:
         stats = tuple((role, loading.file_identity(p) if p.is_file() else str(p)) for role, p in self.files)
-        return (self.model.name, stats, str(self.dtype), self.int8_kernels, str(self.device))
+        return (self.model.name, stats, str(self.dtype), self.int8_kernels, self.fp8, str(self.device))
 
 
 class Pipeline(Protocol):
@@ -196,10 +197,11 @@ class Engine:
                     raise RequestError("lora", lora, f"no LoRA: {spec.name} takes none")
                 root = self.settings.checkpoints_dir or Path("checkpoints")
                 overrides["lora"] = Path(lora) if Path(lora).is_absolute() else root / lora
-            files = resolve_files(spec, self.settings.checkpoints_dir, quant_linear=quant_linear,
+            files = resolve_files(spec, self.settings.checkpoints_dir,
+                                  quant_linear="false" if quant_linear == "fp8" else quant_linear,
                                   overrides=overrides)
         return LoadSpec(model=spec, files=files, device=self.device, dtype=self.dtype,
-                        int8_kernels=self.settings.int8_kernels)
+                        int8_kernels=self.settings.int8_kernels, fp8=quant_linear == "fp8")
 
     def pipeline(self, spec: LoadSpec) -> Pipeline:
         """The warm pipeline for this spec, loading it on first use."""

@@ -33,7 +33,7 @@ class GenerationRequest:
     sigma_max: float = 80.0
     attention_type: str = "auto"
     sla_topk: float = 0.1
-    quant_linear: str = "auto"      # auto (from the file) | true | false
+    quant_linear: str = "auto"      # auto (from the file) | true (int8 file) | false (bf16) | fp8
     sampler: str = "sde"            # sde (TurboDiffusion default) | ode
 
     def validated(self, config: WanConfig) -> Self:
@@ -63,8 +63,9 @@ class GenerationRequest:
         if not 0 < topk <= 1:
             raise RequestError("sla_topk", self.sla_topk, "a fraction in (0, 1] (default 0.1)")
         quant = str(self.quant_linear).lower()
-        if quant not in ("auto", "true", "false"):
-            raise RequestError("quant_linear", self.quant_linear, "auto | true | false")
+        if quant not in ("auto", "true", "false", "fp8"):
+            raise RequestError("quant_linear", self.quant_linear,
+                               "auto | true | false | fp8 (e4m3 linears made at load from the bf16 file)")
         if self.sampler not in ("sde", "ode"):
             raise RequestError("sampler", self.sampler, "sde | ode")
         return replace(self, num_frames=frames, num_steps=steps, seed=seed, sigma_max=sigma,

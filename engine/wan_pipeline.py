@@ -66,8 +66,9 @@ class WanPipelineBase:
         path = self.files.get(role)
         if path is None:
             seed = WEIGHT_SEED + _SEED_OFFSETS.get(role, 10 + self.load_spec.model.dits.index(role))
-            return cast(WanDiT, loading.build_random(lambda: WanDiT(cfg, spec), seed=seed,
-                                                     device=self.device, dtype=self.dtype)), "bf16"
+            dit = cast(WanDiT, loading.build_random(lambda: WanDiT(cfg, spec), seed=seed,
+                                                    device=self.device, dtype=self.dtype))
+            return dit, self._to_fp8(dit) or "bf16"
         state = adapt_checkpoint(loading.read_state_dict(path))
         quantized = any(k.endswith(".int8_weight") for k in state)
 
@@ -84,9 +85,16 @@ class WanPipelineBase:
                 int8_path[0] = convert_int8_for_runtime(model, self.device,
                                                         prefer_int8_kernels=self.load_spec.int8_kernels)
 
-        dit = loading.load_module(build, path, device=self.device, dtype=self.dtype,
-                                  state=state, convert=convert)
-        return cast(WanDiT, dit), int8_path[0]
+        dit = cast(WanDiT, loading.load_module(build, path, device=self.device, dtype=self.dtype,
+                                               state=state, convert=convert))
+        return dit, self._to_fp8(dit) or int8_path[0]
+
+    def _to_fp8(self, dit: WanDiT) -> str | None:
+        """quant_linear=fp8: the block linears become e4m3 (from the bf16 weights just loaded)."""
+        if not self.load_spec.fp8:
+            return None
+        from .fp8 import quantize_model
+        return quantize_model(dit, self.device)
 
     def _build(self, make: Callable[[], torch.nn.Module], path: Path | None, role: str):
         """From the file when there is one, else seeded random weights through the same class."""
