@@ -45,7 +45,7 @@ class PoseResult:
 
 def extract_poses(reference_image: Path, driving_video: Path, detector: DWPose, *, width: int, height: int,
                   num_frames: int = 81, fps: float = 16, fill: str = "error", align_frame: int = 0,
-                  seed: int = 0) -> PoseResult:
+                  seed: int = 0, render_negative: bool = True) -> PoseResult:
     """SteadyDancer's preprocessing for one row. `width` × `height` is the generation size: the reference
     is resized to it, the poses are aligned in it and drawn at POSE_CANVAS_SCALE × it."""
     if not 0 <= align_frame < num_frames:
@@ -87,7 +87,10 @@ def extract_poses(reference_image: Path, driving_video: Path, detector: DWPose, 
     with _timed(timings, "render_s"):
         canvas_w, canvas_h = POSE_CANVAS_SCALE * width, POSE_CANVAS_SCALE * height
         positive_frames = render_sequence(aligned, canvas_w, canvas_h)
-        negative_frames = render_sequence(negative, canvas_w, canvas_h)
+        # The generate stage draws from the keypoints itself; a caller that only shows the
+        # positive poses skips drawing the negatives (`negative_frames` is then empty).
+        negative_frames = (render_sequence(negative, canvas_w, canvas_h) if render_negative
+                           else np.zeros((0, canvas_h, canvas_w, 3), np.uint8))
 
     return PoseResult(driving=driving, aligned=aligned, negative=negative, positive_frames=positive_frames,
                       negative_frames=negative_frames, pose_frames=num_frames, pose_fps=video.fps,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import colorsys
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -62,10 +64,22 @@ def render_pose(frame: PoseFrame | None, width: int, height: int, *,
 
 
 def render_sequence(seq: PoseSequence, width: int, height: int) -> np.ndarray:
-    """uint8 [F, height, width, 3]: every frame of `seq` drawn on a width × height canvas."""
+    """uint8 [F, height, width, 3]: every frame of `seq` drawn on a width × height canvas.
+
+    Frames are drawn on a thread pool: OpenCV releases the GIL, and at SteadyDancer's 2× canvas
+    (1152×2048 for 576×1024) one pass over 81 frames took 9 s on one core of a GPU host."""
     frames = np.zeros((len(seq), height, width, 3), np.uint8)
-    for index in range(len(seq)):
+
+    def draw(index: int) -> None:
         frames[index] = render_pose(seq.frame(index), width, height, source_size=(seq.width, seq.height))
+
+    workers = min(len(seq), os.cpu_count() or 1, 16)
+    if workers <= 1:
+        for index in range(len(seq)):
+            draw(index)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pose-render") as pool:
+            list(pool.map(draw, range(len(seq))))
     return frames
 
 

@@ -149,7 +149,7 @@ def _extract(row: ManifestRow, work: Path, inputs: Mapping[str, Path], stage: Po
     try:
         result = extract_poses(inputs["image"], inputs["driving_video"], stage.detector(), width=width,
                                height=height, num_frames=row.num_frames, fill=row.fill,
-                               align_frame=row.align_frame, seed=row.seed)
+                               align_frame=row.align_frame, seed=row.seed, render_negative=False)
     except PoseInputError as e:       # str(e) is "column: reason (frames …)"; the row error says the column
         reason = str(e).removeprefix(f"{e.column}: ")
         raise InputError(reason, row=row.row, column=e.column, uri=getattr(row, e.column, None)) from e

@@ -58,6 +58,15 @@ def test_extract_poses_gives_aligned_negative_and_rendered_poses(reference: Path
     assert red.any() and not np.array_equal(result.positive_frames, result.negative_frames)
 
 
+def test_negatives_can_stay_undrawn(reference: Path, driving_video: Path, detector: DWPose) -> None:
+    drawn = extract_poses(reference, driving_video, detector, width=WIDTH, height=HEIGHT, num_frames=9)
+    lean = extract_poses(reference, driving_video, detector, width=WIDTH, height=HEIGHT, num_frames=9,
+                         render_negative=False)
+    assert lean.negative_frames.shape[0] == 0
+    np.testing.assert_array_equal(lean.positive_frames, drawn.positive_frames)
+    np.testing.assert_array_equal(lean.negative.keypoints, drawn.negative.keypoints)
+
+
 def test_loop_fill_detects_each_source_frame_once(reference: Path, driving_video: Path, detector: DWPose) -> None:
     result = extract_poses(reference, driving_video, detector, width=WIDTH, height=HEIGHT, num_frames=40,
                            fill="loop")
