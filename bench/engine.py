@@ -7,7 +7,10 @@ For each shape: our denoise (4 rCM steps, SLA topk 0.1, bf16, regional torch.com
 decode, peak VRAM; beside them, in the same process, the peer: diffusers' WanTransformer3DModel
 with the same TurboDiffusion SLA swapped into self-attention and regional compile, and diffusers'
 AutoencoderKLWan decoding the same latents. Once: umT5-XXL text encoding of a 512-token prompt,
-and cold start (loading a saved 1.3B checkpoint vs reading the same file raw).
+and cold start (loading a saved 1.3B checkpoint vs reading the same file raw). Per shape also: the
+same DiT with FP8 block linears (`denoise_fp8_s`, `fp8_rel_err` of one forward against bf16 on the
+same weights), and a whole row as a shard runs it (`row_s`: denoise + decode to uint8 with the
+previous row's H.264 encode beside it; `rows_per_gpu_hour`).
 Writes docs/benchmarks/engine.json and a section of docs/BENCHMARKS.md.
 """
 
@@ -100,8 +103,6 @@ def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
     reset_peak()
     times = timed(denoise, repeats)
     peak_dit = peak_gb()
-    dit = None  # noqa: F841  (free before the next model)
-    free()
 
     vae = prepare_vae_for_device(loading.build_random(lambda: WanVAE(cfg.vae), seed=1, device=DEV, dtype=DT))
     z = latents.to(DT)
@@ -110,11 +111,63 @@ def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
         reset_peak()
         vae_times = timed(lambda: vae.decode_to_uint8(z), repeats)
     peak_vae = peak_gb()
-    vae = None  # noqa: F841
+    row = bench_row(denoise, lambda lat: vae.decode_to_uint8(lat.to(DT)), cfg.fps)
+    fp8 = bench_fp8(dit, context, shape, denoise, repeats)
+    dit = vae = None  # noqa: F841  (free before the next model)
     free()
     return {"denoise_s": statistics.median(times), "warmup_s": warmup_s,
-            "vae_decode_s": statistics.median(vae_times),
+            "vae_decode_s": statistics.median(vae_times), **row, **fp8,
             "peak_vram_gb": max(peak_dit, peak_vae), "latents": z}  # type: ignore[dict-item]
+
+
+def bench_row(denoise, decode, fps: int) -> dict[str, float]:
+    """A row the way a shard runs it, text from the cache: denoise, decode to uint8 on the host;
+    the previous row's H.264 encode (ffmpeg, CPU) runs beside it. GPU seconds per row, and rows
+    per GPU-hour. Without ffmpeg on the machine the encode is left out (said in the result)."""
+    import shutil
+    import subprocess
+    import threading
+    ffmpeg = shutil.which("ffmpeg")
+
+    def encode(frames) -> None:
+        if ffmpeg is None:
+            return
+        n, h, w, _ = frames.shape
+        subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+                        "-r", str(fps), "-i", "pipe:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4",
+                        "/dev/null"], input=frames.numpy().tobytes(), check=True)
+
+    with torch.inference_mode():
+        previous = decode(denoise())
+        times = []
+        for _ in range(2):
+            encoder = threading.Thread(target=encode, args=(previous,))
+            encoder.start()
+            sync()
+            t0 = time.perf_counter()
+            previous = decode(denoise())
+            sync()
+            times.append(time.perf_counter() - t0)
+            encoder.join()
+    row_s = statistics.median(times)
+    return {"row_s": row_s, "rows_per_gpu_hour": 3600.0 / row_s, "row_encode_overlapped": ffmpeg is not None}
+
+
+def bench_fp8(dit, context, shape, denoise, repeats: int) -> dict[str, float]:
+    """The same DiT with its block linears in FP8 (engine/fp8.py): one forward's relative error
+    against bf16 on the same weights and inputs, then the 4-step denoise."""
+    from engine.fp8 import quantize_model
+    g = torch.Generator(device=DEV).manual_seed(7)
+    x = torch.randn(shape, device=DEV, generator=g, dtype=DT)
+    t = torch.full((1,), 934.0, device=DEV)
+    with torch.inference_mode():
+        reference = dit(x, t, context).float()
+        path = quantize_model(dit, DEV)
+        out = dit(x, t, context).float()
+    rel_err = float((out - reference).norm() / reference.norm())
+    denoise()                    # warm-up: the compiled blocks see new modules
+    fp8_times = timed(denoise, repeats)
+    return {"denoise_fp8_s": statistics.median(fp8_times), "fp8_rel_err": rel_err, "fp8_path": path}  # type: ignore[dict-item]
 
 
 # -- the peer: diffusers' Wan DiT + the same SLA + regional compile ------------------------------
@@ -329,11 +382,13 @@ def main() -> None:
         triton_version = None
     payload = {"torch": torch.__version__, "triton": triton_version, "steps": args.steps,
                "sla_topk": args.topk, "cold_start": cold, "shapes": results}
-    md = ["| shape | denoise s | peer denoise s | VAE decode s | peer VAE s | peak VRAM GB | text s |",
-          "|---|---|---|---|---|---|---|"]
+    md = ["| shape | denoise s | FP8 denoise s (rel err) | peer denoise s | VAE decode s | peer VAE s | row s "
+          "(rows/GPU-h) | peak VRAM GB | text s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        md.append(f"| {r['shape']} | {r['denoise_s']:.3f} | {r.get('peer_denoise_s', float('nan')):.3f} | "
+        md.append(f"| {r['shape']} | {r['denoise_s']:.3f} | {r['denoise_fp8_s']:.3f} ({r['fp8_rel_err']:.4f}, "
+                  f"{r['fp8_path']}) | {r.get('peer_denoise_s', float('nan')):.3f} | "
                   f"{r['vae_decode_s']:.3f} | {r.get('peer_vae_decode_s', float('nan')):.3f} | "
+                  f"{r['row_s']:.3f} ({r['rows_per_gpu_hour']:.0f}) | "
                   f"{r['peak_vram_gb']:.1f} | {r['text_encoder_s']:.3f} |")
     md.append(f"\nCold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
               f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "

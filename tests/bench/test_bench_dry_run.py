@@ -17,6 +17,7 @@ def test_engine_bench_dry_run_on_cpu(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "tiny-480p-5f" in run.stdout
+    assert all(field in run.stdout for field in ("denoise_fp8_s", "fp8_rel_err", "row_s", "rows_per_gpu_hour"))
 
 
 def test_i2v_bench_dry_run_on_cpu(tmp_path):
