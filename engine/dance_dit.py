@@ -37,18 +37,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .attention import cross_attention, dense_attention
+from .attention import cross_attention
 from .config import AttentionType, WanConfig
 from .errors import RequestError
 from .wan_dit import (
+    DiTCommon,
+    WanAttentionBlock,
+    WanCrossAttention,
     WanHead,
     WanLayerNorm,
     WanRMSNorm,
-    _linear_fp32,
-    apply_rope,
     patchify,
-    rope_cos_sin,
-    sinusoidal_embedding,
     unpatchify,
 )
 
@@ -231,40 +230,13 @@ class MLPProj(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class DenseSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)       # [B, L, H, Dh]
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        out = dense_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        return self.o(out.flatten(2))
-
-
-class I2VCrossAttention(nn.Module):
-    """Cross-attention to [CLIP tokens ‖ text tokens]: one query, two dense attentions (text with k/v, image
-    with k_img/v_img), summed before `o`. All tokens are attended, zero-padded text included, like the original."""
+class I2VCrossAttention(WanCrossAttention):
+    """Cross-attention to [CLIP tokens ‖ text tokens]: the text attention (q, k, v, o) plus an image one
+    (k_img, v_img, norm_k_img), summed before `o`. All tokens are attended, zero-padded text included."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, image_tokens: int):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        super().__init__(dim, num_heads, eps)
         self.image_tokens = image_tokens
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps)
@@ -281,31 +253,11 @@ class I2VCrossAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class DancerAttentionBlock(nn.Module):
-    """WanAttentionBlock's math (engine/wan_dit.py) with the original layout's attention layers."""
-
-    def __init__(self, config: WanConfig, image_tokens: int):
-        super().__init__()
-        dim, eps = config.dim, config.eps
-        # Registration order = state_dict order: modulation (own param) first, then the children.
-        self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = DenseSelfAttention(dim, config.num_heads, eps)
-        self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True)
-        self.cross_attn = I2VCrossAttention(dim, config.num_heads, eps, image_tokens)
-        self.norm2 = WanLayerNorm(dim, eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
-                                 nn.Linear(config.ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-
-    def forward(self, x: torch.Tensor, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                context: torch.Tensor) -> torch.Tensor:
-        # x [B, L, dim] in the module dtype; e [B, 6, dim] fp32; context [B, 257 + L_text, dim].
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).chunk(6, dim=1)
-        h = (self.norm1(x).float() * (1 + scale1) + shift1).to(x.dtype)
-        x = x + self.self_attn(h, cos, sin) * gate1.to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x), context)
-        h = (self.norm2(x).float() * (1 + scale2) + shift2).to(x.dtype)
-        return x + self.ffn(h) * gate2.to(x.dtype)
+def dancer_block(config: WanConfig, image_tokens: int) -> WanAttentionBlock:
+    """WanAttentionBlock in the original layout: dense self-attention (no SLA proj_l), image + text
+    cross-attention."""
+    return WanAttentionBlock(config, None, cross_attn=I2VCrossAttention(config.dim, config.num_heads, config.eps,
+                                                                        image_tokens))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +265,7 @@ class DancerAttentionBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class SteadyDancerDiT(nn.Module):
+class SteadyDancerDiT(DiTCommon, nn.Module):
     """SteadyDancer-14B DiT. forward(x, timestep, context, y=, pose=, ref_x=, ref_c=, clip_fea_x=, clip_fea_c=)
     -> velocity (float32). Dense attention only; `sdpa_backends` restricts SDPA's kernels (None: torch picks)."""
 
@@ -340,32 +292,13 @@ class SteadyDancerDiT(nn.Module):
                                             nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList(DancerAttentionBlock(config, dancer.clip_tokens)
-                                    for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(dancer_block(config, dancer.clip_tokens) for _ in range(config.num_layers))
         self.head = WanHead(config)
         self.img_emb = MLPProj(dancer.clip_dim, dim)
         # As in WanDiT: RoPE tables are a plain cache, not state; the weight-streaming hook (engine/experts.py)
         # is called with -1 before everything outside the blocks and with i before block i.
         self._rope_cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.wait_for_weights: Callable[[int], None] | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embedding.weight.dtype
-
-    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (*grid, device)
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_cos_sin(self.config.head_dim, *grid, device=device)
-        return self._rope_cache[key]
-
-    def time_conditioning(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] timesteps (t*1000) -> (e [B, dim], e0 [B, 6, dim]), both fp32 (WanDiT.time_conditioning)."""
-        sin_emb = sinusoidal_embedding(self.config.freq_dim, timestep).float()
-        first, second = cast(nn.Linear, self.time_embedding[0]), cast(nn.Linear, self.time_embedding[2])
-        e = _linear_fp32(second, F.silu(_linear_fp32(first, sin_emb)))
-        e0 = _linear_fp32(cast(nn.Linear, self.time_projection[1]), F.silu(e))
-        return e, e0.unflatten(1, (6, self.config.dim))
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *, y: torch.Tensor,
                 pose: torch.Tensor, ref_x: torch.Tensor, ref_c: torch.Tensor, clip_fea_x: torch.Tensor,
@@ -436,7 +369,3 @@ class SteadyDancerDiT(nn.Module):
         if kind is not AttentionType.ORIGINAL:
             raise RequestError("attention_type", kind.value, "original (SteadyDancer has no SLA weights)")
 
-    def compile_blocks(self, **kw: Any) -> None:
-        """Regional compile: torch.compile each block in place (state_dict keys unchanged). Explicit call only."""
-        for block in self.blocks:
-            block.compile(**kw)

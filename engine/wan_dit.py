@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionSpec, SelfAttentionOp, cross_attention
+from .attention import AttentionSpec, SelfAttentionOp, cross_attention, dense_attention
 from .config import AttentionType, WanConfig
 
-__all__ = ["WanDiT", "adapt_checkpoint", "apply_rope", "patchify", "rope_cos_sin", "sinusoidal_embedding", "unpatchify"]
+__all__ = ["DiTCommon", "WanAttentionBlock", "WanCrossAttention", "WanDiT", "adapt_checkpoint", "apply_rope",
+           "linear_fp32", "patchify", "rope_cos_sin", "sinusoidal_embedding", "unpatchify"]
 
 # ---------------------------------------------------------------------------------------------
 # Norms (fp32 compute, output in the input dtype)
@@ -139,7 +140,9 @@ def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch_size: tuple[in
 
 
 class WanSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, attention: AttentionSpec):
+    """attention=None: plain dense SDPA and no `attn_op` (the original Wan2.1 layout, no SLA proj_l)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, attention: AttentionSpec | None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q = nn.Linear(dim, dim)
@@ -148,14 +151,15 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
-        self.attn_op = SelfAttentionOp(self.head_dim, attention)
+        self.attn_op = SelfAttentionOp(self.head_dim, attention) if attention is not None else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)       # [B, L, H, Dh]
         k = self.norm_k(self.k(x)).unflatten(-1, heads)
         v = self.v(x).unflatten(-1, heads)
-        out = self.attn_op(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        attend = self.attn_op if self.attn_op is not None else dense_attention
+        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.o(out.flatten(2))                        # [B, L, dim]
 
 
@@ -186,14 +190,16 @@ class WanCrossAttention(nn.Module):
 
 
 class WanAttentionBlock(nn.Module):
-    def __init__(self, config: WanConfig, attention: AttentionSpec):
+    """`cross_attn`: another cross-attention layer in place of the text one (SteadyDancer's image + text)."""
+
+    def __init__(self, config: WanConfig, attention: AttentionSpec | None, *, cross_attn: nn.Module | None = None):
         super().__init__()
         dim, eps = config.dim, config.eps
         # Registration order = state_dict order: modulation (own param) first, then the children.
         self.norm1 = WanLayerNorm(dim, eps)
         self.self_attn = WanSelfAttention(dim, config.num_heads, eps, attention)
         self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True)
-        self.cross_attn = WanCrossAttention(dim, config.num_heads, eps)
+        self.cross_attn = cross_attn if cross_attn is not None else WanCrossAttention(dim, config.num_heads, eps)
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
@@ -227,10 +233,10 @@ class WanHead(nn.Module):
         # x [B, L, dim]; e [B, dim] fp32 -> [B, L, kt*kh*kw*out_dim] fp32 (TurboDiffusion runs it under fp32 autocast)
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
         h = self.norm(x).float() * (1 + scale) + shift
-        return _linear_fp32(self.head, h)
+        return linear_fp32(self.head, h)
 
 
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias)
 
@@ -240,7 +246,43 @@ def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class WanDiT(nn.Module):
+class DiTCommon:
+    """What every Wan DiT here shares (WanDiT; SteadyDancerDiT in engine/dance_dit.py): the dtype, the
+    RoPE cache, the time conditioning and regional compile. Needs `config`, `patch_embedding`,
+    `time_embedding`, `time_projection`, `blocks` and `_rope_cache` on the module."""
+
+    config: WanConfig
+    patch_embedding: nn.Module
+    time_embedding: nn.Sequential
+    time_projection: nn.Sequential
+    blocks: nn.ModuleList
+    _rope_cache: dict[tuple[int, int, int, torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return cast(torch.Tensor, self.patch_embedding.weight).dtype
+
+    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (*grid, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_cos_sin(self.config.head_dim, *grid, device=device)
+        return self._rope_cache[key]
+
+    def time_conditioning(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] timesteps (t*1000) -> (e [B, dim], e0 [B, 6, dim]), both fp32."""
+        sin_emb = sinusoidal_embedding(self.config.freq_dim, timestep).float()
+        first, second = cast(nn.Linear, self.time_embedding[0]), cast(nn.Linear, self.time_embedding[2])
+        e = linear_fp32(second, F.silu(linear_fp32(first, sin_emb)))
+        e0 = linear_fp32(cast(nn.Linear, self.time_projection[1]), F.silu(e))
+        return e, e0.unflatten(1, (6, self.config.dim))
+
+    def compile_blocks(self, **kw: Any) -> None:
+        """Regional compile: torch.compile each block in place (state_dict keys unchanged). Explicit call only."""
+        for block in self.blocks:
+            block.compile(**kw)
+
+
+class WanDiT(DiTCommon, nn.Module):
     """Wan2.1 T2V diffusion transformer. forward(x, timestep, context) -> velocity (float32)."""
 
     def __init__(self, config: WanConfig, attention: AttentionSpec):
@@ -263,24 +305,6 @@ class WanDiT(nn.Module):
         # before the embeddings and with i before block i, so each part waits only for its own
         # copy. Cleared after the forward. Plain Python, outside the compiled blocks.
         self.wait_for_weights: Callable[[int], None] | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embedding.weight.dtype
-
-    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (*grid, device)
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_cos_sin(self.config.head_dim, *grid, device=device)
-        return self._rope_cache[key]
-
-    def time_conditioning(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B] timesteps (t*1000) -> (e [B, dim], e0 [B, 6, dim]), both fp32."""
-        sin_emb = sinusoidal_embedding(self.config.freq_dim, timestep).float()
-        first, second = cast(nn.Linear, self.time_embedding[0]), cast(nn.Linear, self.time_embedding[2])
-        e = _linear_fp32(second, F.silu(_linear_fp32(first, sin_emb)))
-        e0 = _linear_fp32(cast(nn.Linear, self.time_projection[1]), F.silu(e))
-        return e, e0.unflatten(1, (6, self.config.dim))
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, in_dim, T, H, W], timestep [B] (t*1000), context [B, L_text, text_dim]
@@ -317,9 +341,4 @@ class WanDiT(nn.Module):
                                        blkk=self.attention.blkk)
 
     def _attention_ops(self) -> list[SelfAttentionOp]:
-        return [cast(WanAttentionBlock, block).self_attn.attn_op for block in self.blocks]
-
-    def compile_blocks(self, **kw: Any) -> None:
-        """Regional compile: torch.compile each block in place (state_dict keys unchanged). Explicit call only."""
-        for block in self.blocks:
-            block.compile(**kw)
+        return [cast(SelfAttentionOp, cast(WanAttentionBlock, block).self_attn.attn_op) for block in self.blocks]
