@@ -30,12 +30,12 @@ from PIL import Image
 from . import loading
 from .conditioning import load_rgb
 from .config import latent_shape
-from .errors import CheckpointError, ModelMemoryError, RequestError
+from .errors import CheckpointError, RequestError
 from .family import WEIGHT_SEED, EmbeddingStore, GenerationResult, LoadSpec
 from .flow_sampler import FAST, OFFICIAL, Guidance, guided_unipc_sample, unipc_scheduler
 from .requests import DanceRequest, GenerationRequest
 from .settings import EngineSettings
-from .wan_pipeline import WanPipelineBase, sync
+from .wan_pipeline import WanPipelineBase, memory_errors, sync
 
 __all__ = ["NEGATIVE_PROMPT", "SteadyDancerPipeline", "dance_size"]
 
@@ -124,14 +124,6 @@ class SteadyDancerPipeline(WanPipelineBase):
                                         dtype=self.dtype)
         return load_clip(path, device=self.device, dtype=self.dtype, config=ccfg)
 
-    def prepare(self, expected_rows: int) -> None:
-        if self.wants_compile(expected_rows):
-            self.dit.compile_blocks()
-            self.compiled = True
-
-    def rows_per_group(self, expected_rows: int) -> int:
-        return 1
-
     # -- generation ----------------------------------------------------------------------------
     def guidance(self, req: DanceRequest) -> Guidance:
         if req.guidance == "fast" or (req.guidance == "auto" and self.lora is not None):
@@ -146,10 +138,8 @@ class SteadyDancerPipeline(WanPipelineBase):
         req = request.validated(self.config)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        try:
+        with memory_errors(f"on {self.config.name}"):
             return self._generate(req)
-        except torch.cuda.OutOfMemoryError as e:
-            raise ModelMemoryError(f"CUDA out of memory on {self.config.name}: {e}".splitlines()[0]) from e
 
     @torch.inference_mode()
     def _generate(self, req: DanceRequest) -> GenerationResult:

@@ -14,11 +14,9 @@ phases back to back. Where the experts live is engine/experts.py's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,14 +25,14 @@ import torch
 from .attention import AttentionSpec, resolve_attention
 from .conditioning import adaptive_size, first_frame_mask, image_to_tensor, load_rgb
 from .config import latent_shape
-from .errors import ModelMemoryError, RequestError
+from .errors import RequestError
 from .experts import Activation, ExpertSet, choose_policy
 from .family import WORKING_BYTES_720P, EmbeddingStore, GenerationResult, LoadSpec, estimate_bytes
 from .requests import GenerationRequest, I2VRequest
 from .sampler import RcmState, expert_schedule, rcm_start, rcm_step
 from .settings import EngineSettings
 from .wan_dit import WanDiT
-from .wan_pipeline import WanPipelineBase, sync
+from .wan_pipeline import WanPipelineBase, memory_errors, sync
 
 __all__ = ["I2VPending", "WanI2VPipeline"]
 
@@ -99,14 +97,14 @@ class WanI2VPipeline(WanPipelineBase):
         log.info("%s: %s loaded (%s policy)", self.config.name, role, self.policy)
         return dit
 
+    def loaded_dits(self) -> list[torch.nn.Module]:
+        return list(self.experts.loaded())
+
     def prepare(self, expected_rows: int) -> None:
         """Compile when enough rows follow, and (auto policy) pick swap or sequential for them."""
         if self.policy == "swap" and self.settings.expert_policy == "auto":
             self.experts.policy = self._policy(expected_rows)     # sequential once a batch comes
-        if self.wants_compile(expected_rows):
-            for dit in self.experts.loaded():
-                dit.compile_blocks()
-            self.compiled = True
+        super().prepare(expected_rows)
 
     def rows_per_group(self, expected_rows: int) -> int:
         """TURBO_EXPERT_GROUP_ROWS under the sequential policy while more rows follow (the shard
@@ -128,7 +126,7 @@ class WanI2VPipeline(WanPipelineBase):
         self._last_phase = "start"
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with _memory_errors(self.config.name):
+        with memory_errors(f"on {self.config.name}"):
             pending = self._condition(req)
             self._run_steps(pending, "high")
         return pending
@@ -138,7 +136,7 @@ class WanI2VPipeline(WanPipelineBase):
         if not isinstance(pending, I2VPending):
             raise TypeError(f"finish takes what start returned, not {type(pending).__name__}")
         self._last_phase = "finish"
-        with _memory_errors(self.config.name):
+        with memory_errors(f"on {self.config.name}"):
             self._run_steps(pending, "low")
             return self._decode(pending)
 
@@ -241,12 +239,3 @@ class WanI2VPipeline(WanPipelineBase):
                 cost += max(0.0, p.step_s[step] - reference)
             costs["switch" if step > 0 else "in"] += cost
         return costs["switch"], costs["in"]
-
-
-@contextlib.contextmanager
-def _memory_errors(name: str) -> Iterator[None]:
-    """CUDA out of memory → ModelMemoryError (the Engine then frees every warm model)."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        raise ModelMemoryError(f"CUDA out of memory on {name}: {e}".splitlines()[0]) from e

@@ -16,12 +16,11 @@ import torch
 
 from .attention import resolve_attention
 from .config import latent_shape
-from .errors import ModelMemoryError
 from .family import EmbeddingStore, GenerationResult, LoadSpec
 from .requests import GenerationRequest, T2VRequest
 from .sampler import rcm_sample
 from .settings import EngineSettings
-from .wan_pipeline import WanPipelineBase, sync
+from .wan_pipeline import WanPipelineBase, memory_errors, sync
 
 __all__ = ["WanT2VPipeline"]
 
@@ -36,15 +35,6 @@ class WanT2VPipeline(WanPipelineBase):
                          offload_text_encoder=offload_text_encoder)
         self.dit, self.int8_path = self.load_dit("dit")
 
-    def prepare(self, expected_rows: int) -> None:
-        """Compile the DiT's blocks when enough rows follow (WanPipelineBase.wants_compile)."""
-        if self.wants_compile(expected_rows):
-            self.dit.compile_blocks()
-            self.compiled = True
-
-    def rows_per_group(self, expected_rows: int) -> int:
-        return 1
-
     # -- generation ----------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GenerationResult:
         if not isinstance(request, T2VRequest):
@@ -57,13 +47,8 @@ class WanT2VPipeline(WanPipelineBase):
         self.dit.set_attention(resolve_attention(req.attention_type, dev), req.sla_topk)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        try:
+        with memory_errors(f"generating {width}x{height}x{req.num_frames} on {self.config.name}"):
             return self._generate(req, width, height)
-        except torch.cuda.OutOfMemoryError as e:
-            # The owner (Engine.generate) frees every warm model on this error.
-            raise ModelMemoryError(
-                f"CUDA out of memory generating {width}x{height}x{req.num_frames} on "
-                f"{self.config.name}: {e}".splitlines()[0]) from e
 
     @torch.inference_mode()
     def _generate(self, req: T2VRequest, width: int, height: int) -> GenerationResult:

@@ -8,8 +8,9 @@ cache, and is parked in page-locked host memory after encoding on presets of 5B+
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -17,6 +18,7 @@ import torch
 
 from . import loading
 from .attention import AttentionSpec, resolve_attention
+from .errors import ModelMemoryError
 from .family import WEIGHT_SEED, EmbeddingStore, LoadSpec
 from .int8 import convert_int8_for_runtime, swap_block_linears_for_int8
 from .offload import HostCopy
@@ -25,7 +27,7 @@ from .umt5 import HashTokenizer, TextEncoder, UMT5Encoder, load_tokenizer
 from .wan_dit import WanDiT, adapt_checkpoint
 from .wan_vae import WanVAE
 
-__all__ = ["WanPipelineBase", "prepare_vae_for_device", "sync"]
+__all__ = ["WanPipelineBase", "memory_errors", "prepare_vae_for_device", "sync"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,20 @@ class WanPipelineBase:
         min_rows = self.settings.compile_min_rows or default_min
         return mode == "1" or expected_rows >= min_rows
 
+    def loaded_dits(self) -> list[torch.nn.Module]:
+        """The DiTs on this pipeline (t2v and dance: one; i2v overrides with its experts)."""
+        return [self.dit]     # type: ignore[attr-defined]
+
+    def prepare(self, expected_rows: int) -> None:
+        """Compile the DiTs' blocks when enough rows follow (wants_compile)."""
+        if self.wants_compile(expected_rows):
+            for dit in self.loaded_dits():
+                dit.compile_blocks()     # type: ignore[operator]
+            self.compiled = True
+
+    def rows_per_group(self, expected_rows: int) -> int:
+        return 1
+
     # -- text --------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[list[torch.Tensor], list[list[str]], list[bool]]:
         """Embeddings [text_len, dim] per prompt, their warnings, and whether each hit the cache."""
@@ -173,6 +189,15 @@ class WanPipelineBase:
 
     def peak_vram_gb(self) -> float:
         return torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else 0.0
+
+
+@contextlib.contextmanager
+def memory_errors(what: str) -> Iterator[None]:
+    """CUDA out of memory → ModelMemoryError naming `what` (the Engine then frees every warm model)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise ModelMemoryError(f"CUDA out of memory {what}: {e}".splitlines()[0]) from e
 
 
 def prepare_vae_for_device(vae: WanVAE) -> WanVAE:
