@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 from PIL import Image
 
+from tests.cli import turbo_batch
 from tests.pose.graphs import person_image, write_driving_video, write_dwpose_stand_ins
 from tests.shards import latest_metrics
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def turbo_batch(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, text=True,
-                          capture_output=True, env={**os.environ, **env}, timeout=600)
 
 
 def test_dance_manifest_end_to_end_then_rerun_skips(tmp_path):

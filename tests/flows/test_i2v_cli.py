@@ -10,17 +10,14 @@ rounds each side to the nearest multiple of 16.
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 from PIL import Image
 
 from engine.config import TINY_SIZES
+from tests.cli import ffprobe, mp4_mtimes, turbo_batch
 from tests.shards import latest_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,20 +25,10 @@ EXAMPLES = REPO / "examples"
 MANIFEST = EXAMPLES / "tiny-i2v.csv"
 
 
-def turbo_batch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
-def ffprobe(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
-                          "-show_entries", "stream=codec_name,profile,pix_fmt,width,height,nb_read_frames",
-                          "-of", "json", str(path)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["streams"][0]
 
 
-def mp4_mtimes(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".mp4", ".jpg", ".webp")}
 
 
 def expected_size(row: dict, manifest_dir: Path) -> tuple[int, int]:

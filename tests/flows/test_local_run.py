@@ -9,10 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import ssl
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 
 from engine.config import TINY_SIZES
 from tasks.manifest import read_manifest
+from tests.cli import ffprobe, mp4_mtimes, turbo_batch
 from tests.shards import latest_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,16 +26,8 @@ EXAMPLES = REPO / "examples"
 SECRET_MARKER = "turbo-batch-test-secret"
 
 
-def turbo_batch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
-def ffprobe(path: Path) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
-                          "-show_entries", "stream=codec_name,profile,pix_fmt,width,height,nb_read_frames",
-                          "-of", "json", str(path)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["streams"][0]
 
 
 def expected_shape(row: dict) -> tuple[int, int, int]:
@@ -50,8 +40,6 @@ def expected_shape(row: dict) -> tuple[int, int, int]:
     return round(w * scale), round(h * scale), frames
 
 
-def mp4_mtimes(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix in (".mp4", ".jpg", ".webp")}
 
 
 def test_readme_command_then_rerun_then_one_changed_seed(tmp_path):
