@@ -233,17 +233,22 @@ def test_start_workers_stops_its_worker_on_sigterm(prefect_stack, tmp_path, sigi
         wait_for(lambda: not any(_alive(p) for p in pids), 5, what="worker gone")
         assert _processes_naming(pool) == []
     finally:
-        if script.poll() is None:
-            script.kill()
-            script.wait(timeout=10)
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(script, pids)
         with stack.settings(), get_client(sync_client=True) as client:
             try:
                 client.delete_work_pool(pool)
             except Exception:
                 pass
+
+
+def _kill_all(script: subprocess.Popen, pids: list[int]) -> None:
+    """Whatever a test left running: start-workers.sh and the workers it started."""
+    if script.poll() is None:
+        script.kill()
+        script.wait(timeout=10)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
@@ -294,12 +299,7 @@ def test_start_workers_kills_a_worker_that_ignores_sigint(tmp_path):
         assert "still running after 2 s: SIGKILL" in out
         assert not any(_alive(p) for p in pids)
     finally:
-        if script.poll() is None:
-            script.kill()
-            script.wait(timeout=10)
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(script, pids)
 
 
 def test_pickup_timeout_setting():
