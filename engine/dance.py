@@ -215,6 +215,7 @@ class SteadyDancerPipeline(WanPipelineBase):
             sync(dev)
             now = time.perf_counter()
             step_s["with_pose_cfg" if "null_pose" in branches else "without_pose_cfg"].append(now - last[0])
+            log.info("dance step %d/%d (%s): %.2f s", _ + 1, req.num_steps, "+".join(branches), now - last[0])
             last[0] = now
 
         unipc_scheduler(req.num_steps, shift)     # imports diffusers outside the timed steps
