@@ -16,14 +16,19 @@ block linears at load; the weights can be cached on disk by the caller.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["E4M3_MAX", "FP8Linear", "fp8_supported", "quantize_model", "quantize_per_channel", "quantize_per_token"]
+from .wan_dit import WanSelfAttention
+
+__all__ = ["E4M3_MAX", "FP8Linear", "cache_candidates", "find_cache", "fp8_supported", "quantize_model",
+           "quantize_per_channel", "quantize_per_token", "save_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,12 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, use_scaled_mm: bool) -> FP8Linear:
-        weight8, scale = quantize_per_channel(linear.weight.detach())
-        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
+                               use_scaled_mm=use_scaled_mm)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, use_scaled_mm: bool) -> FP8Linear:
+        weight8, scale = quantize_per_channel(weight)
         return cls(weight8, scale, bias, use_scaled_mm=use_scaled_mm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +102,16 @@ class FP8Linear(nn.Module):
         return cast(torch.Tensor, out).reshape(*shape[:-1], self.out_features)
 
 
+def _fuse_qkv(attn: WanSelfAttention, use_scaled_mm: bool) -> None:
+    """q, k, v -> one FP8Linear `qkv` over the stacked weights: one GEMM, and the shared input is
+    quantized once instead of three times (per-channel scales make the stacking exact)."""
+    q, k, v = attn.q, attn.k, attn.v
+    weight = torch.cat([q.weight, k.weight, v.weight]).detach()
+    bias = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias]).detach()
+    attn.qkv = FP8Linear.from_weight(weight, bias, use_scaled_mm=use_scaled_mm)
+    del attn.q, attn.k, attn.v
+
+
 def _block_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
     """Every nn.Linear inside `model.blocks`, except SLA's small proj_l (not worth quantizing)."""
     blocks = cast(nn.Module, model.blocks)
@@ -103,11 +122,51 @@ def _block_linears(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear
 
 
 def quantize_model(model: nn.Module, device: torch.device) -> str:
-    """Replace the DiT's block linears by FP8Linear in place. Returns the path taken: "fp8" on
-    `_scaled_mm`, or "fp8-emulated" with the reason logged once (same numbers, no speed-up)."""
+    """Replace the DiT's block linears by FP8Linear in place (self-attention's q, k, v fused into
+    one). Returns the path taken: "fp8" on `_scaled_mm`, or "fp8-emulated" with the reason logged
+    once (same numbers, no speed-up). Works on a `meta` model too (the cache's module tree)."""
     usable, why = fp8_supported(device)
     if not usable:
         log.warning("quant_linear=fp8: %s; computing the FP8 product in bf16 instead (no speed-up)", why)
+    for module in list(cast(nn.Module, model.blocks).modules()):
+        if isinstance(module, WanSelfAttention) and module.qkv is None:
+            _fuse_qkv(module, usable)
     for parent, name, linear in _block_linears(model):
         setattr(parent, name, FP8Linear.from_linear(linear, use_scaled_mm=usable))
     return "fp8" if usable else "fp8-emulated"
+
+
+# -- the on-disk cache of converted weights ------------------------------------------------------
+def cache_candidates(source: Path, digest: str, cache_dir: Path | None) -> list[Path]:
+    """Where the FP8 copy of `source` lives: beside it, else in `cache_dir` (a read-only
+    checkpoint folder). The source's content digest is in the name, so a replaced file never
+    matches an old copy."""
+    name = f"{source.name}.fp8-{digest[:16]}.safetensors"
+    return [source.with_name(name)] + ([Path(cache_dir) / name] if cache_dir is not None else [])
+
+
+def find_cache(source: Path, digest: str, cache_dir: Path | None) -> Path | None:
+    return next((p for p in cache_candidates(source, digest, cache_dir) if p.is_file()), None)
+
+
+def save_cache(model: nn.Module, source: Path, digest: str, cache_dir: Path | None) -> Path | None:
+    """Write the converted model's whole state (FP8 blocks, bf16 rest: about half the bf16 file)
+    to the first writable candidate, atomically. None (and a warning) when no place is writable:
+    the next load converts again."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for target in cache_candidates(source, digest, cache_dir):
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(tmp))
+            os.replace(tmp, target)
+            log.info("quant_linear=fp8: converted weights of %s cached in %s", source.name, target)
+            return target
+        except OSError as e:
+            log.debug("cannot write the FP8 cache %s: %s", target, e)
+        finally:
+            tmp.unlink(missing_ok=True)
+    log.warning("quant_linear=fp8: no writable place for the converted weights of %s; "
+                "the next load converts again", source)
+    return None

@@ -15,6 +15,8 @@ and passes it down. Variables:
     TURBO_EXPERT_GROUP_ROWS     rows per group under the sequential policy (default 4)
     TURBO_DIGEST_CACHE          where checkpoint digests go when the checkpoint folder is read-only
                                 (~/.cache/turbo-batch/digests)
+    TURBO_FP8_CACHE             where quant_linear=fp8 keeps converted weights when the checkpoint
+                                folder is read-only (~/.cache/turbo-batch/fp8)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class EngineSettings:
     int8_kernels: bool = False
     embed_cache_dir: Path = field(default_factory=lambda: _CACHE_HOME / "text")
     digest_cache_dir: Path = field(default_factory=lambda: _CACHE_HOME / "digests")
+    fp8_cache_dir: Path = field(default_factory=lambda: _CACHE_HOME / "fp8")
     expert_policy: str = "auto"
     expert_group_rows: int = 4
 
@@ -81,6 +84,7 @@ class EngineSettings:
             else defaults.embed_cache_dir,
             digest_cache_dir=Path(env["TURBO_DIGEST_CACHE"]) if env.get("TURBO_DIGEST_CACHE")
             else defaults.digest_cache_dir,
+            fp8_cache_dir=Path(env["TURBO_FP8_CACHE"]) if env.get("TURBO_FP8_CACHE") else defaults.fp8_cache_dir,
             expert_policy=(env.get("TURBO_EXPERT_POLICY") or "auto").strip().lower(),
             expert_group_rows=defaults.expert_group_rows if group_rows is None else int(group_rows),
         )

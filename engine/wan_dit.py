@@ -152,12 +152,18 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
         self.attn_op = SelfAttentionOp(self.head_dim, attention) if attention is not None else None
+        # Set by engine/fp8.py: q, k and v as one GEMM (their input is quantized once, not thrice).
+        self.qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)       # [B, L, H, Dh]
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = self.norm_q(q).unflatten(-1, heads)               # [B, L, H, Dh]
+        k = self.norm_k(k).unflatten(-1, heads)
+        v = v.unflatten(-1, heads)
         attend = self.attn_op if self.attn_op is not None else dense_attention
         out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.o(out.flatten(2))                        # [B, L, dim]

@@ -18,7 +18,8 @@ import torch
 
 from . import loading
 from .attention import AttentionSpec, resolve_attention
-from .errors import ModelMemoryError
+from .digest import file_digest
+from .errors import CheckpointError, ModelMemoryError
 from .family import WEIGHT_SEED, EmbeddingStore, LoadSpec
 from .int8 import convert_int8_for_runtime, swap_block_linears_for_int8
 from .offload import HostCopy
@@ -71,6 +72,10 @@ class WanPipelineBase:
             dit = cast(WanDiT, loading.build_random(lambda: WanDiT(cfg, spec), seed=seed,
                                                     device=self.device, dtype=self.dtype))
             return dit, self._to_fp8(dit) or "bf16"
+        if self.load_spec.fp8:
+            cached = self._load_fp8_cache(path)
+            if cached is not None:
+                return cached
         state = adapt_checkpoint(loading.read_state_dict(path))
         quantized = any(k.endswith(".int8_weight") for k in state)
 
@@ -89,7 +94,11 @@ class WanPipelineBase:
 
         dit = cast(WanDiT, loading.load_module(build, path, device=self.device, dtype=self.dtype,
                                                state=state, convert=convert))
-        return dit, self._to_fp8(dit) or int8_path[0]
+        fp8_path = self._to_fp8(dit)
+        if fp8_path is not None:
+            from . import fp8
+            fp8.save_cache(dit, path, file_digest(path, self.settings.digest_cache_dir), self.settings.fp8_cache_dir)
+        return dit, fp8_path or int8_path[0]
 
     def _to_fp8(self, dit: WanDiT) -> str | None:
         """quant_linear=fp8: the block linears become e4m3 (from the bf16 weights just loaded)."""
@@ -97,6 +106,29 @@ class WanPipelineBase:
             return None
         from .fp8 import quantize_model
         return quantize_model(dit, self.device)
+
+    def _load_fp8_cache(self, path: Path) -> tuple[WanDiT, str] | None:
+        """The FP8 copy of `path` converted by an earlier load (engine/fp8.py), read instead of the
+        bf16 file: half the bytes and no conversion. None when there is none yet."""
+        from . import fp8
+        cached = fp8.find_cache(path, file_digest(path, self.settings.digest_cache_dir), self.settings.fp8_cache_dir)
+        if cached is None:
+            return None
+        cfg, spec, device = self.config, self.attention, self.device
+        fp8_path = ["fp8"]
+
+        def build() -> WanDiT:
+            model = WanDiT(cfg, spec)
+            fp8_path[0] = fp8.quantize_model(model, device)
+            return model
+
+        try:
+            dit = cast(WanDiT, loading.load_module(build, cached, device=device, dtype=self.dtype))
+        except CheckpointError as e:       # a damaged or foreign copy: convert again from the bf16 file
+            log.warning("quant_linear=fp8: ignoring the cached copy %s (%s)", cached, e)
+            return None
+        log.info("quant_linear=fp8: loaded the converted weights of %s from %s", path.name, cached)
+        return dit, fp8_path[0]
 
     def _build(self, make: Callable[[], torch.nn.Module], path: Path | None, role: str):
         """From the file when there is one, else seeded random weights through the same class."""

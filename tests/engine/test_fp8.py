@@ -5,7 +5,9 @@ whole tiny DiT converted at load."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -82,7 +84,8 @@ def test_a_tiny_dit_converts_at_load_and_stays_close(caplog):
     assert path == "fp8-emulated" and "no speed-up" in caplog.text
     linears = [m for m in dit.blocks.modules() if isinstance(m, nn.Linear)]
     assert linears and all("proj_l" in n for n, m in dit.blocks.named_modules() if isinstance(m, nn.Linear))
-    assert sum(isinstance(m, FP8Linear) for m in dit.blocks.modules()) == 10 * cfg.num_layers
+    # per block: fused q/k/v, o, the cross-attention's q, k, v, o, and the two FFN linears
+    assert sum(isinstance(m, FP8Linear) for m in dit.blocks.modules()) == 8 * cfg.num_layers
     assert rel(after, before) < 0.03
 
 
@@ -111,3 +114,92 @@ def test_quant_linear_fp8_is_its_own_load_and_says_which_path_ran():
                           T2VRequest(prompt="x", num_frames=5, num_steps=2, quant_linear="fp8"))
     assert engine.cache.loads == 2 and (bf16.int8_path, fp8.int8_path) == ("bf16", "fp8-emulated")
     assert abs(bf16.frames.astype(float) - fp8.frames.astype(float)).mean() < 2.0     # of 255
+
+
+@torch.no_grad()
+def test_fused_qkv_equals_three_separately_quantized_projections():
+    """Per-output-channel weight scales and per-token input scales make stacking q, k, v exact."""
+    from engine.wan_dit import WanSelfAttention
+    g = torch.Generator().manual_seed(5)
+    attn = WanSelfAttention(64, 2, 1e-6, None)
+    for p in attn.parameters():
+        p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(1, 9, 64, generator=g)
+    separate = [FP8Linear.from_linear(lin, use_scaled_mm=False)(x) for lin in (attn.q, attn.k, attn.v)]
+    cfg_model = nn.Module()
+    cfg_model.blocks = nn.ModuleList([attn])
+    quantize_model(cfg_model, CPU)
+    assert not hasattr(attn, "q") and isinstance(attn.qkv, FP8Linear)
+    fused = attn.qkv(x).chunk(3, dim=-1)
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _tiny_checkpoints(root: Path) -> Path:
+    from engine.umt5 import UMT5Encoder
+    from engine.wan_vae import WanVAE
+    cfg = WanConfig.from_name("tiny-t2v")
+    spec = AttentionSpec(type=AttentionType.SLA, topk=0.5)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, build, seed in (("TurboWan-tiny-t2v.pth", lambda: WanDiT(cfg, spec), 1),
+                              ("tiny-vae.pth", lambda: WanVAE(cfg.vae), 2),
+                              ("tiny-umt5.pth", lambda: UMT5Encoder(cfg.umt5), 3)):
+        torch.save(loading.build_random(build, seed=seed, device=CPU, dtype=torch.float32).state_dict(), root / name)
+    return root
+
+
+def _fp8_row(ckpt: Path, tmp: Path):
+    from engine.family import Engine
+    from engine.requests import T2VRequest
+    from engine.settings import EngineSettings
+    settings = EngineSettings(checkpoints_dir=ckpt, digest_cache_dir=tmp / "digests", fp8_cache_dir=tmp / "fp8")
+    engine = Engine(settings, device="cpu")
+    return engine.generate(engine.load_spec("tiny-t2v", "fp8"),
+                           T2VRequest(prompt="x", num_frames=5, num_steps=2, quant_linear="fp8", seed=3))
+
+
+def test_converted_weights_are_cached_beside_the_file_and_read_back(tmp_path, caplog):
+    ckpt = _tiny_checkpoints(tmp_path / "ckpt")
+    with caplog.at_level(logging.INFO, logger="engine"):
+        first = _fp8_row(ckpt, tmp_path)
+    cached = list(ckpt.glob("TurboWan-tiny-t2v.pth.fp8-*.safetensors"))
+    assert len(cached) == 1 and "cached in" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="engine"):
+        second = _fp8_row(ckpt, tmp_path)          # a fresh engine: reads the copy, not the bf16 file
+    assert "loaded the converted weights" in caplog.text
+    assert np.array_equal(first.frames, second.frames) and second.int8_path == "fp8-emulated"
+
+    # A replaced source file (new bytes, same name) never matches the old copy.
+    state = torch.load(ckpt / "TurboWan-tiny-t2v.pth", weights_only=True)
+    state["head.head.bias"] = state["head.head.bias"] + 1
+    torch.save(state, ckpt / "TurboWan-tiny-t2v.pth")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="engine"):
+        _fp8_row(ckpt, tmp_path)
+    assert "loaded the converted weights" not in caplog.text
+    assert len(list(ckpt.glob("TurboWan-tiny-t2v.pth.fp8-*.safetensors"))) == 2
+
+
+def test_where_the_checkpoint_folder_cannot_be_written_the_copy_goes_to_the_fp8_cache_dir(tmp_path):
+    from engine.digest import file_digest
+    from engine.fp8 import cache_candidates
+    ckpt = _tiny_checkpoints(tmp_path / "ckpt")
+    source = ckpt / "TurboWan-tiny-t2v.pth"
+    beside = cache_candidates(source, file_digest(source, tmp_path / "digests"), None)[0]
+    # A folder in the way makes the write beside the file fail even as root (where a read-only
+    # folder would not stop it).
+    beside.mkdir()
+    first = _fp8_row(ckpt, tmp_path)
+    assert len(list((tmp_path / "fp8").glob("TurboWan-tiny-t2v.pth.fp8-*.safetensors"))) == 1
+    assert np.array_equal(first.frames, _fp8_row(ckpt, tmp_path).frames)
+
+
+def test_a_damaged_cached_copy_is_ignored_and_converted_again(tmp_path, caplog):
+    ckpt = _tiny_checkpoints(tmp_path / "ckpt")
+    first = _fp8_row(ckpt, tmp_path)
+    copy = next(ckpt.glob("*.fp8-*.safetensors"))
+    copy.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        again = _fp8_row(ckpt, tmp_path)
+    assert "ignoring the cached copy" in caplog.text and np.array_equal(first.frames, again.frames)
