@@ -101,7 +101,9 @@ def test_scaled_mm_matches_the_emulated_product_on_cuda():
     x = torch.randn(64, 256, device=dev, dtype=torch.bfloat16)
     fast = FP8Linear.from_linear(linear, use_scaled_mm=True)
     slow = FP8Linear.from_linear(linear, use_scaled_mm=False)
-    assert rel(fast(x), slow(x)) < 0.01 and rel(fast(x), linear(x)) < 0.03
+    # _scaled_mm computes the emulated product (0.0037 on an H200); against bf16 both carry e4m3's
+    # ~2.5 % rounding per operand, the same 5 % bound as the CPU test (0.037 measured at K = 256).
+    assert rel(fast(x), slow(x)) < 0.01 and rel(fast(x), linear(x)) < 0.05
 
 
 def test_quant_linear_fp8_is_its_own_load_and_says_which_path_ran():
