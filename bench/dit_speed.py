@@ -156,12 +156,14 @@ def bench_shape(name: str, args: argparse.Namespace, dev: torch.device, dt: torc
     graphed.clear()
     if dev.type == "cuda":
         row["peak_vram_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
-    del dit, graphed
+    return row                    # the model and the graphs' pools go with this frame (freed by the caller)
+
+
+def free(dev: torch.device) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    return row
 
 
 def main() -> None:
@@ -179,7 +181,10 @@ def main() -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/dit_speed.py needs a CUDA device (or --device cpu --shapes tiny-480p for a dry run)")
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    rows = [bench_shape(name, args, dev, dt, profile_it=i == 0) for i, name in enumerate(args.shapes.split(","))]
+    rows = []
+    for i, name in enumerate(args.shapes.split(",")):
+        rows.append(bench_shape(name, args, dev, dt, profile_it=i == 0))
+        free(dev)
     variants = ("bf16", "bf16+graph", "fp8", "fp8+graph")
     table = [{"shape": r["shape"], **{f"{v} denoise": r.get(f"{v}_denoise_s", r.get(f"{v}_error", "-"))
                                       for v in variants},

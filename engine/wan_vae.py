@@ -11,14 +11,19 @@ feature cache so that chunked processing equals processing the whole clip at onc
 Cache layout: one slot per caching module, numbered once at construction (`cache_slot`). A cache is
 a plain `list[Tensor | None]`; a slot is `None` before the first chunk and afterwards holds a tensor
 that later chunks update in place (`copy_`), so steady-state decoder steps allocate no cache memory
-and run with the same shapes: the shape a CUDA graph capture of `WanVAE._decode_frame` needs.
+and run with the same shapes: the shape a CUDA graph capture of `WanVAE._decode_frame` needs
+(engine/vae_speed.py captures one).
+
+Convolutions run as cuDNN 3-D convs by default; `WanVAE.set_conv_impl("taps")` runs the causal
+ones (and the per-frame 2-D ones) as 2-D convs over frame slices instead: same numbers up to float
+rounding, a different set of cuDNN kernels.
 
 Nothing here is a buffer: the module is safe to build on `meta` and load with `assign=True`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import torch
@@ -27,7 +32,7 @@ from torch import Tensor, nn
 
 from .config import VAEConfig
 
-__all__ = ["LATENT_MEAN", "LATENT_STD", "WanVAE", "denormalize_latents", "normalize_latents"]
+__all__ = ["CONV_IMPLS", "LATENT_MEAN", "LATENT_STD", "WanVAE", "denormalize_latents", "normalize_latents"]
 
 CACHE_T = 2  # frames of history a causal time-kernel-3 conv needs
 
@@ -43,7 +48,10 @@ LATENT_STD = (
 )
 
 FeatureCache = list[Tensor | None]
+# One decoder step as _decode_chunks calls it: (latent frame index, z_frame, cache) -> frames.
+FrameStep = Callable[[int, Tensor, FeatureCache], Tensor]
 CL3D = torch.channels_last_3d
+CONV_IMPLS = ("conv3d", "taps")  # see WanVAE.set_conv_impl
 
 
 def _zeros_like_layout(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -61,6 +69,35 @@ def _nearest_up2(x: Tensor) -> Tensor:
     pixels = x.permute(0, 2, 3, 4, 1)                                  # [B, T, H, W, C], contiguous
     up = pixels[:, :, :, None, :, None, :].expand(b, t, h, 2, w, 2, c).reshape(b, t, 2 * h, 2 * w, c)
     return up.permute(0, 4, 1, 2, 3)                                   # [B, C, T, 2H, 2W], channels-last
+
+
+def _frames_are_images(x: Tensor) -> bool:
+    """True for [1, C, T, H, W] in channels-last-3d: in NDHWC memory the frames of one video are a
+    contiguous NHWC batch of images, so any run of consecutive frames, viewed [n, C, H, W]
+    (_as_images), is a channels-last input for 2-D convs with no copy."""
+    return x.shape[0] == 1 and x.is_contiguous(memory_format=CL3D)
+
+
+def _as_images(x: Tensor) -> Tensor:
+    """[1, C, T, H, W] -> [T, C, H, W] (a view)."""
+    return x[0].transpose(0, 1)
+
+
+def _as_frames(y: Tensor) -> Tensor:
+    """[T, C, H, W] -> [1, C, T, H, W] channels-last-3d (a view when y is channels-last, as cuDNN's
+    outputs for channels-last inputs are; CPU 1×1 convs may answer NCHW and get one copy).
+
+    Through [1, T, H, W, C] so that even the batch dim has its channels-last-3d stride: with a
+    stray stride there, elementwise ops on single frames fell back to NCDHW outputs.
+    """
+    y = y.contiguous(memory_format=torch.channels_last)
+    return y.permute(0, 2, 3, 1).unsqueeze(0).permute(0, 4, 1, 2, 3)
+
+
+def _tap_major(weight: Tensor) -> Tensor:
+    """The same [O, C, kt, kh, kw] values stored as [kt, O, kh, kw, C], so that each time tap
+    weight[:, :, k] is a channels-last 2-D kernel (a view, no copy per call)."""
+    return weight.permute(2, 0, 3, 4, 1).contiguous().permute(1, 4, 0, 2, 3)
 
 
 def _channel_stats(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,6 +137,7 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(0, pad_h, pad_w))
         self.time_pad = 2 * pad_t
         self.cache_slot = -1  # set by _number_cache_slots when time_pad > 0
+        self.conv_impl = "conv3d"  # set by WanVAE.set_conv_impl
 
     @property
     def uses_cache(self) -> bool:
@@ -117,7 +155,24 @@ class CausalConv3d(nn.Conv3d):
             else:
                 x = torch.cat([past, x], dim=2)
                 past.copy_(x[:, :, -self.time_pad:])
+        if self.conv_impl == "taps" and _frames_are_images(x):
+            return self._conv_taps(x)
         return super().forward(x)
+
+    def _conv_taps(self, x: Tensor) -> Tensor:
+        """This conv as a sum over its time taps k of a 2-D conv on frames k .. k + T_out - 1.
+
+        x is [1, C, T, H, W] channels-last-3d (time padding already in place); each run of
+        consecutive frames is an NHWC image batch (_frames_are_images), so no input is copied.
+        The weights are stored tap-major (_tap_major) so weight[:, :, k] is not copied either.
+        """
+        taps = self.kernel_size[0]
+        num_out = x.shape[2] - taps + 1
+        padding = self.padding[1:]
+        out = F.conv2d(_as_images(x[:, :, :num_out]), self.weight[:, :, 0], self.bias, padding=padding)
+        for k in range(1, taps):
+            out += F.conv2d(_as_images(x[:, :, k:k + num_out]), self.weight[:, :, k], padding=padding)
+        return _as_frames(out)                                               # [1, O, T_out, H, W]
 
 
 class RMSNorm(nn.Module):
@@ -182,8 +237,13 @@ class AttentionBlock(nn.Module):
         return x + out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
-def _frame_conv2d(conv: nn.Conv2d, x: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
-    """Apply a Conv2d to every frame of [B, C, T, H, W] as a (1, k, k) Conv3d (no reshapes)."""
+def _frame_conv2d(conv: nn.Conv2d, x: Tensor, stride: int = 1, padding: int = 0,
+                  conv_impl: str = "conv3d") -> Tensor:
+    """Apply a Conv2d to every frame of [B, C, T, H, W]: as a (1, k, k) Conv3d (no reshapes), or
+    with conv_impl "taps" as the 2-D conv itself on the frames viewed as images (batch 1,
+    channels-last only; otherwise as conv3d)."""
+    if conv_impl == "taps" and _frames_are_images(x):
+        return _as_frames(F.conv2d(_as_images(x), conv.weight, conv.bias, stride=stride, padding=padding))
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, stride=(1, stride, stride),
                     padding=(0, padding, padding))
 
@@ -208,6 +268,7 @@ class Resample(nn.Module):
             raise ValueError(f"Resample mode {mode!r}: allowed {', '.join(self.MODES)}")
         self.mode = mode
         self.cache_slot = -1
+        self.conv_impl = "conv3d"  # set by WanVAE.set_conv_impl (for the per-frame 2-D conv)
         # `resample` is a Sequential so the conv's key is `resample.1`; forward calls the conv
         # itself (as a per-frame conv3d) and does the upsampling / padding of index 0 inline.
         if mode.startswith("upsample"):
@@ -232,9 +293,9 @@ class Resample(nn.Module):
             x = self._double_time(x, cache)
         conv = cast(nn.Conv2d, self.resample[1])
         if self.mode.startswith("upsample"):
-            x = _frame_conv2d(conv, _nearest_up2(x), padding=1)
+            x = _frame_conv2d(conv, _nearest_up2(x), padding=1, conv_impl=self.conv_impl)
         else:
-            x = _frame_conv2d(conv, F.pad(x, (0, 1, 0, 1)), stride=2)
+            x = _frame_conv2d(conv, F.pad(x, (0, 1, 0, 1)), stride=2, conv_impl=self.conv_impl)
         if self.mode == "downsample3d":
             x = self._halve_time(x, cache)
         return x
@@ -251,7 +312,10 @@ class Resample(nn.Module):
         if not y.is_contiguous() and y.is_contiguous(memory_format=CL3D):
             # channels-last: [B, T, H, W, 2C] -> [B, T, H, W, 2, C] -> [B, T, 2, H, W, C] -> [B, C, 2T, H, W]
             y = y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)
-            return y.reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+            # contiguous() first: for t == 1 (every steady-state decoder step) a plain reshape
+            # returned a view with the frame stride inside the pixel, not channels-last-3d, and
+            # the layers after it lost the layout (interpolate's NCDHW path, a conversion per conv).
+            return y.contiguous().view(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
         return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
 
     def _halve_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
@@ -376,6 +440,7 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(config)
 
         self.channels_last = False
+        self.conv_impl = "conv3d"
 
     def use_channels_last(self) -> WanVAE:
         """Run convolutions in channels-last-3d (NDHWC) layout.
@@ -384,13 +449,39 @@ class WanVAE(nn.Module):
         conv call converted its input and output (12 % of an H100 480p decode, measured with
         bench/profile_engine.py). Results are the same up to float rounding.
         """
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                m.weight.data = m.weight.data.contiguous(memory_format=CL3D)
-            elif isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         self.channels_last = True
+        self._layout_weights()
         return self
+
+    def set_conv_impl(self, conv_impl: str) -> WanVAE:
+        """How convolutions run: "conv3d" (default) or "taps".
+
+        "taps": a causal kt×kh×kw CausalConv3d becomes the sum over its kt time taps of a 2-D conv
+        on frame slices, and the resamplers' per-frame convs run as 2-D convs, on cuDNN's 2-D NHWC
+        kernels (which may beat its 3-D ones). It applies to batch-1 channels-last-3d inputs (see
+        use_channels_last); anything else still runs conv3d. Same numbers up to float rounding.
+        The causal convs' weights are re-laid-out in memory (shapes and values unchanged), so
+        call this again after loading new weights.
+        """
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl {conv_impl!r}: allowed {', '.join(CONV_IMPLS)}")
+        self.conv_impl = conv_impl
+        for m in self.modules():
+            if isinstance(m, CausalConv3d | Resample):
+                m.conv_impl = conv_impl
+        self._layout_weights()
+        return self
+
+    def _layout_weights(self) -> None:
+        """Weight memory layout for channels_last and conv_impl (values and shapes unchanged)."""
+        for m in self.modules():
+            if isinstance(m, CausalConv3d) and m.conv_impl == "taps":
+                m.weight.data = _tap_major(m.weight.data)
+            elif isinstance(m, nn.Conv3d):
+                fmt = CL3D if self.channels_last else torch.contiguous_format
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+            elif isinstance(m, nn.Conv2d) and self.channels_last:
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=CL3D) if self.channels_last else x
@@ -438,28 +529,40 @@ class WanVAE(nn.Module):
         Each decoded chunk is converted to uint8 on the device as soon as it exists; only the
         uint8 frames are copied to the host.
         """
+        return self._decode_to_uint8(latents, self._eager_step)
+
+    def _decode_to_uint8(self, latents: Tensor, step: FrameStep) -> Tensor:
+        """decode_to_uint8 with a given decoder step (engine/vae_speed.py passes faster ones)."""
         self._check_latents(latents)
         if latents.shape[0] != 1:
             raise ValueError(f"decode_to_uint8 takes one video (batch 1), got batch {latents.shape[0]}")
         _, _, t, h, w = latents.shape
         frames_u8 = torch.empty(4 * (t - 1) + 1, 8 * h, 8 * w, 3, dtype=torch.uint8, device=self.device)
-        for start, frames in self._decode_chunks(latents):
+        for start, frames in self._decode_chunks(latents, step):
             # [1, 3, n, H, W] -> [n, H, W, 3] in 0..255
             pixels = frames[0].float().clamp_(-1, 1).add_(1).mul_(127.5).round_()
             frames_u8[start:start + frames.shape[2]] = pixels.permute(1, 2, 3, 0)
         return frames_u8.cpu()
 
-    def _decode_chunks(self, latents: Tensor) -> Iterator[tuple[int, Tensor]]:
-        """Yield (first output frame index, frames [B, 3, n, H, W]) per latent frame."""
+    def _decode_chunks(self, latents: Tensor, step: FrameStep | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Yield (first output frame index, frames [B, 3, n, H, W]) per latent frame.
+
+        The frames may live in a buffer that the next step overwrites (a CUDA graph's output):
+        use them before asking for the next chunk.
+        """
+        step = step or self._eager_step
         z = denormalize_latents(latents.to(device=self.device, dtype=self.dtype))
         x = self._layout(self.conv2(self._layout(z)))
         cache = self.new_decoder_cache()
         for t in range(x.shape[2]):
             # latent frame 0 -> output frame 0; latent frame t > 0 -> output frames 4t-3 .. 4t
-            yield (0 if t == 0 else 4 * t - 3), self._decode_frame(x[:, :, t:t + 1], cache)
+            yield (0 if t == 0 else 4 * t - 3), step(t, x[:, :, t:t + 1], cache)
 
     def new_decoder_cache(self) -> FeatureCache:
         return [None] * self.decoder.num_cache_slots
+
+    def _eager_step(self, t: int, z_frame: Tensor, cache: FeatureCache) -> Tensor:
+        return self._decode_frame(z_frame, cache)
 
     def _decode_frame(self, z_frame: Tensor, cache: FeatureCache) -> Tensor:
         """One decoder step: z_frame [B, 16, 1, h, w] (after conv2) -> [B, 3, 1 or 4, 8h, 8w].
