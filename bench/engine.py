@@ -35,6 +35,7 @@ from engine.config import WanConfig, latent_shape  # noqa: E402
 from engine.registry import get_model  # noqa: E402
 from engine.sampler import rcm_sample  # noqa: E402
 from engine.umt5 import HashTokenizer, TextEncoder, UMT5Encoder  # noqa: E402
+from engine.vae_speed import DecodeSettings, FastDecoder  # noqa: E402
 from engine.wan_dit import WanDiT  # noqa: E402
 from engine.wan_pipeline import prepare_vae_for_device  # noqa: E402
 from engine.wan_vae import WanVAE  # noqa: E402
@@ -46,6 +47,10 @@ SHAPES = {
 }
 DEV = torch.device("cuda")
 DT = torch.bfloat16
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def sync() -> None:
@@ -106,17 +111,28 @@ def bench_ours(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
 
     vae = prepare_vae_for_device(loading.build_random(lambda: WanVAE(cfg.vae), seed=1, device=DEV, dtype=DT))
     z = latents.to(DT)
+    # The decode a compiling shard runs (WanPipelineBase.prepare): the compiled decoder step.
+    decoder = FastDecoder(vae, DecodeSettings(compile=compile_blocks)) if compile_blocks else vae
     with torch.inference_mode():
-        vae.decode_to_uint8(z)   # warm-up
+        vae.decode_to_uint8(z)   # warm-up (cuDNN autotuning)
+        eager_times = timed(lambda: vae.decode_to_uint8(z), repeats)
+        t = time.perf_counter()
+        decoder.decode_to_uint8(z)   # warm-up: the decoder step's compile
+        vae_warmup_s = time.perf_counter() - t
         reset_peak()
-        vae_times = timed(lambda: vae.decode_to_uint8(z), repeats)
+        vae_times = timed(lambda: decoder.decode_to_uint8(z), repeats)
     peak_vae = peak_gb()
-    row = bench_row(denoise, lambda lat: vae.decode_to_uint8(lat.to(DT)), cfg.fps)
+    log(f"{cfg.name}: denoise {statistics.median(times):.3f} s, VAE decode {statistics.median(vae_times):.3f} s "
+        f"(eager {statistics.median(eager_times):.3f} s)")
+    row = bench_row(denoise, lambda lat: decoder.decode_to_uint8(lat.to(DT)), cfg.fps)
+    log(f"{cfg.name}: row {row['row_s']:.3f} s")
     fp8 = bench_fp8(dit, context, shape, denoise, repeats)
-    dit = vae = None  # noqa: F841  (free before the next model)
+    log(f"{cfg.name}: FP8 denoise {fp8['denoise_fp8_s']:.3f} s, rel err {fp8['fp8_rel_err']:.4f}")
+    dit = vae = decoder = None  # noqa: F841  (free before the next model)
     free()
     return {"denoise_s": statistics.median(times), "warmup_s": warmup_s,
-            "vae_decode_s": statistics.median(vae_times), **row, **fp8,
+            "vae_decode_s": statistics.median(vae_times), "vae_decode_eager_s": statistics.median(eager_times),
+            "vae_warmup_s": vae_warmup_s, **row, **fp8,
             "peak_vram_gb": max(peak_dit, peak_vae), "latents": z}  # type: ignore[dict-item]
 
 
@@ -338,6 +354,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--device", default="cuda", help="cpu: dry run of the script with --shapes tiny-480p")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--no-cold-start", action="store_true",
+                    help="leave the checkpoint-load measurement out (kept from the last engine.json)")
     ap.add_argument("--cold-start-only", action="store_true",
                     help="measure only the checkpoint load and update engine.json's cold_start")
     args = ap.parse_args()
@@ -353,7 +371,16 @@ def main() -> None:
     table = []
     first = WanConfig.from_name(SHAPES[args.shapes.split(",")[0]][0])
     text_s = bench_text(first.umt5, args.repeats)
-    cold = bench_cold_start(first, Path(args.tmp))   # the 1.3B file in a real run
+    log(f"text encoder: {text_s:.3f} s")
+    if args.no_cold_start:
+        import json
+
+        from bench.report import ROOT
+        previous = ROOT / "docs" / "benchmarks" / "engine.json"
+        old = json.loads(previous.read_text()) if previous.exists() else {}
+        cold = {**old.get("cold_start", {}), "measured": f"not in this run: {old.get('date')} on {old.get('card')}"}
+    else:
+        cold = bench_cold_start(first, Path(args.tmp))   # the 1.3B file in a real run
     if args.cold_start_only:
         return update_cold_start(cold, args)
     print(f"text encoder (umT5-XXL, 512 tokens): {text_s:.3f} s; cold start {cold}", flush=True)
@@ -374,6 +401,10 @@ def main() -> None:
         table.append(row)
         print_table([row])
         sys.stdout.flush()
+        if args.out:                      # what is done so far survives a run cut short
+            import json
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "engine.partial.json").write_text(json.dumps(results, indent=2, default=str))
 
     try:
         import triton
@@ -390,9 +421,12 @@ def main() -> None:
                   f"{r['vae_decode_s']:.3f} | {r.get('peer_vae_decode_s', float('nan')):.3f} | "
                   f"{r['row_s']:.3f} ({r['rows_per_gpu_hour']:.0f}) | "
                   f"{r['peak_vram_gb']:.1f} | {r['text_encoder_s']:.3f} |")
-    md.append(f"\nCold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
-              f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "
-              f"({cold['load_s'] / cold['raw_read_s']:.2f}×).")
+    if "load_s" in cold:
+        md.append(f"\nCold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
+                  f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "
+                  f"({cold['load_s'] / cold['raw_read_s']:.2f}×){'; ' + str(cold.get('measured', 'this run'))}.")
+    md.append("\nVAE decode: the compiled decoder step a compiling shard runs (eager in `vae_decode_eager_s`). "
+              "Row: denoise + decode to uint8, the previous row's H.264 encode beside it (text from the cache).")
     if not args.no_write:
         write_results("engine", payload, md, Path(args.out) if args.out else None)
     print()

@@ -226,7 +226,7 @@ class SteadyDancerPipeline(WanPipelineBase):
         sync(dev)
         t4 = time.perf_counter()
         timings["denoise_s"] = t4 - t3
-        out = vae.decode_to_uint8(latents.to(self.dtype)).cpu().numpy()
+        out = self.decode_to_uint8(latents.to(self.dtype)).cpu().numpy()
         timings["vae_s"] = time.perf_counter() - t4
         timings["total_s"] = time.perf_counter() - t0
         for key, values in step_s.items():

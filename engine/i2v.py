@@ -207,7 +207,7 @@ class WanI2VPipeline(WanPipelineBase):
     @torch.inference_mode()
     def _decode(self, p: I2VPending) -> GenerationResult:
         t0 = time.perf_counter()
-        frames = self.vae.decode_to_uint8(p.state.x0.to(self.dtype))
+        frames = self.decode_to_uint8(p.state.x0.to(self.dtype))
         frames_np: np.ndarray = frames.cpu().numpy()
         p.timings["vae_s"] = time.perf_counter() - t0
         switch_s, in_s = self._switch_costs(p)

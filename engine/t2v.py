@@ -69,7 +69,7 @@ class WanT2VPipeline(WanPipelineBase):
                              generator=gen, device=dev, ode=req.sampler == "ode")
         sync(dev)
         t2 = time.perf_counter()
-        frames = self.vae.decode_to_uint8(latents.to(self.dtype))
+        frames = self.decode_to_uint8(latents.to(self.dtype))
         frames_np = frames.cpu().numpy()
         t3 = time.perf_counter()
         peak = self.peak_vram_gb()

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -27,6 +27,9 @@ from .settings import EngineSettings
 from .umt5 import HashTokenizer, TextEncoder, UMT5Encoder, load_tokenizer
 from .wan_dit import WanDiT, adapt_checkpoint
 from .wan_vae import WanVAE
+
+if TYPE_CHECKING:
+    from .vae_speed import FastDecoder
 
 __all__ = ["WanPipelineBase", "memory_errors", "prepare_vae_for_device", "sync"]
 
@@ -61,6 +64,7 @@ class WanPipelineBase:
         self.text_encoder_loads = 0
         self.compiled = False
         self.vae = self._load_vae()
+        self.decoder: WanVAE | FastDecoder = self.vae       # FastDecoder once prepare() compiles
 
     # -- loading -------------------------------------------------------------------------------
     def load_dit(self, role: str) -> tuple[WanDiT, str]:
@@ -176,11 +180,20 @@ class WanPipelineBase:
         return [self.dit]     # type: ignore[attr-defined]
 
     def prepare(self, expected_rows: int) -> None:
-        """Compile the DiTs' blocks when enough rows follow (wants_compile)."""
+        """Compile the DiTs' blocks, and the VAE's steady-state decoder step, when enough rows
+        follow (wants_compile). The compiled decode measured 1.5× the eager one on an H200
+        (docs/BENCHMARKS.md, vae; mean 0.8/255 from the eager frames); CUDA graphs and time-tap
+        convolutions did not pay (engine/vae_speed.py, docs/DESIGN.md)."""
         if self.wants_compile(expected_rows):
             for dit in self.loaded_dits():
                 dit.compile_blocks()     # type: ignore[operator]
+            from .vae_speed import DecodeSettings, FastDecoder
+            self.decoder = FastDecoder(self.vae, DecodeSettings(compile=True))
             self.compiled = True
+
+    def decode_to_uint8(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> uint8 frames on the host, through the compiled decoder once prepared."""
+        return self.decoder.decode_to_uint8(latents)
 
     def rows_per_group(self, expected_rows: int) -> int:
         return 1
