@@ -6,7 +6,8 @@
 For each shape: our denoise (4 rCM steps, SLA topk 0.1, bf16, regional torch.compile), our VAE
 decode, peak VRAM; beside them, in the same process, the peer: diffusers' WanTransformer3DModel
 with the same TurboDiffusion SLA swapped into self-attention and regional compile, and diffusers'
-AutoencoderKLWan decoding the same latents. Once: umT5-XXL text encoding of a 512-token prompt,
+AutoencoderKLWan decoding the same latents; with --td-repo also the official TurboDiffusion network
+(uncompiled, as its inference script runs it). Once: umT5-XXL text encoding of a 512-token prompt,
 and cold start (loading a saved 1.3B checkpoint vs reading the same file raw). Per shape also: the
 same DiT with FP8 block linears (`denoise_fp8_s`, `fp8_rel_err` of one forward against bf16 on the
 same weights), and a whole row as a shard runs it (`row_s`: denoise + decode to uint8 with the
@@ -236,6 +237,30 @@ def bench_peer(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: f
             "peer_vae_decode_s": statistics.median(vae_times)}
 
 
+def bench_official(cfg: WanConfig, resolution: str, frames: int, steps: int, topk: float, repeats: int,
+                   td_repo: str) -> dict[str, float]:
+    """The official TurboDiffusion network (bench/td_peer.py: built from the repo's own files, as
+    its inference script runs it, uncompiled), one forward on the same shapes."""
+    from bench.td_peer import official_network
+    name = {"wan2.1-t2v-1.3b": "Wan2.1-1.3B", "wan2.1-t2v-14b": "Wan2.1-14B"}[cfg.name]
+    net = official_network(td_repo, name, topk, seed=0, fused_norms=cfg.param_billions < 5)
+    w, h = cfg.size(resolution, "16:9")
+    _, lt, lh, lw = latent_shape(cfg, frames, w, h)
+    x = torch.randn(1, 16, lt, lh, lw, device=DEV, dtype=DT)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=DEV, dtype=DT)
+    t = torch.tensor([[987.7]], device=DEV).to(DT)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            net(x_B_C_T_H_W=x, timesteps_B_T=t, crossattn_emb=ctx)
+
+    forward()
+    per_forward = statistics.median(timed(forward, repeats))
+    net = None  # noqa: F841
+    free()
+    return {"official_forward_s": per_forward, "official_denoise_s": per_forward * steps}
+
+
 class _SLAProcessor:
     """diffusers self-attention with TurboDiffusion's SLA in place of SDPA (same math as ours)."""
 
@@ -349,6 +374,7 @@ def main() -> None:
     ap.add_argument("--topk", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--td-repo", help="the TurboDiffusion source (bench/DEVICE.md): also time its own network")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -395,6 +421,9 @@ def main() -> None:
             row.update(bench_peer(cfg, res, args.frames, args.steps, args.topk, repeats, latents))
             row["denoise_vs_peer"] = row["denoise_s"] / row["peer_denoise_s"]
             row["vae_vs_peer"] = row["vae_decode_s"] / row["peer_vae_decode_s"]
+        if args.td_repo and DEV.type == "cuda":
+            row.update(bench_official(cfg, res, args.frames, args.steps, args.topk, repeats, args.td_repo))
+            log(f"{cfg.name}: official network forward {row['official_forward_s']:.3f} s")
         if cfg.name == first.name:
             row.update({k: v for k, v in cold.items() if k in ("load_s", "raw_read_s")})
         results[f"{name}-{args.frames}f"] = row
@@ -421,6 +450,10 @@ def main() -> None:
                   f"{r['vae_decode_s']:.3f} | {r.get('peer_vae_decode_s', float('nan')):.3f} | "
                   f"{r['row_s']:.3f} ({r['rows_per_gpu_hour']:.0f}) | "
                   f"{r['peak_vram_gb']:.1f} | {r['text_encoder_s']:.3f} |")
+    for r in table:
+        if "official_forward_s" in r:
+            md.append(f"\nOfficial TurboDiffusion network, {r['shape']} (same run, uncompiled): forward "
+                      f"{r['official_forward_s']:.3f} s, {args.steps} steps {r['official_denoise_s']:.3f} s.")
     if "load_s" in cold:
         md.append(f"\nCold start (1.3B, {cold['file_gb']:.2f} GB, page cache {cold['page_cache']}): "
                   f"load {cold['load_s']:.2f} s vs raw read {cold['raw_read_s']:.2f} s "

@@ -16,7 +16,7 @@ import types
 
 import torch
 
-__all__ = ["official_a14b_expert", "official_rcm_i2v", "parity_a14b"]
+__all__ = ["official_a14b_expert", "official_network", "official_rcm_i2v", "parity_a14b"]
 
 
 def _import_modify_model(td_repo: str) -> types.ModuleType:
@@ -43,15 +43,22 @@ def _import_modify_model(td_repo: str) -> types.ModuleType:
 
 def official_a14b_expert(td_repo: str, topk: float, seed: int) -> torch.nn.Module:
     """One Wan2.2-A14B expert as the official loader builds it (SLA, no int8), random weights."""
+    return official_network(td_repo, "Wan2.2-A14B", topk, seed)
+
+
+def official_network(td_repo: str, name: str, topk: float, seed: int, *, fused_norms: bool = False) -> torch.nn.Module:
+    """A TurboDiffusion network ("Wan2.1-1.3B", "Wan2.1-14B", "Wan2.2-A14B") as its inference
+    script builds it (SLA, no int8), random weights. `fused_norms`: its Triton norms (1.3B only;
+    shared/tools/parity_td.py found them failing at dim 5120)."""
     mm = _import_modify_model(td_repo)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            net = mm.select_model("Wan2.2-A14B")
+            net = mm.select_model(name)
     finally:
         torch.set_default_dtype(torch.float32)
     net = mm.replace_attention(net, "sla", topk)
-    mm.replace_linear_norm(net, replace_linear=False, replace_norm=False, quantize=False)
+    mm.replace_linear_norm(net, replace_linear=False, replace_norm=fused_norms, quantize=False)
     net = net.to(device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
     g = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
