@@ -2,6 +2,10 @@
 # Start the Prefect process workers of one host and wait on them:
 #   - one worker per GPU on the `gpu` pool, pinned by CUDA_VISIBLE_DEVICES in its own environment
 #     (never in job_variables: a deployment's env would override the worker's), --limit 1;
+#   - beside each, pinned to the same GPU, that GPU's engine service (service/server.py under
+#     service/supervise.py, which restarts it when it dies): it keeps the models warm across shards
+#     and batches, and the worker's shards reach it through TURBO_ENGINE_SOCKET (ENGINE_SERVICE=0:
+#     no services, each shard loads its own models); ENGINE_RANDOM_WEIGHTS=1 for benchmarks;
 #   - one worker on the `cpu` pool for the batch and nightly flows (CPU_WORKER=0 to skip).
 # GPUs: GPUS=N overrides the count; otherwise `nvidia-smi -L`; GPUS=2 on a machine without CUDA
 # gives two CPU "GPU" workers (tests, the tiny preset). With no GPU found and GPUS unset the script
@@ -25,7 +29,14 @@ CPU_LIMIT="${CPU_LIMIT:-4}"
 GPU_POOL="${GPU_POOL:-gpu}"
 CPU_POOL="${CPU_POOL:-cpu}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
-mkdir -p "$LOG_DIR"
+ENGINE_SERVICE="${ENGINE_SERVICE:-1}"
+# Host-local by design: the services' sockets, and inductor's compile cache (a restarted service
+# compiles from it). A Unix socket path must stay under 108 bytes, hence a short default.
+RUN_DIR="${RUN_DIR:-${TMPDIR:-/tmp}/turbo-batch-${UID:-0}}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${HOME:-/tmp}/.cache/turbo-batch/inductor}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$LOG_DIR" "$RUN_DIR"
+LOG_DIR="$(cd "$LOG_DIR" && pwd)"   # absolute: the script changes into the checkout below
 
 if [[ -n "${GPUS:-}" ]]; then
     if [[ ! "$GPUS" =~ ^[0-9]+$ ]]; then
@@ -54,22 +65,38 @@ default_sigint=(--default-signal=INT)
 env "${default_sigint[@]}" true 2>/dev/null || default_sigint=()
 
 pids=()
-start() {   # start NAME ENV... -- ARGS...: one worker in the background, logging to its own file
+launch() {   # launch NAME ENV... -- COMMAND...: one process in the background, logging to its own file
     local name="$1"; shift
     local envs=()
     while [[ "$1" != "--" ]]; do envs+=("$1"); shift; done
     shift
-    env "${default_sigint[@]}" "${envs[@]}" prefect worker start --type process --name "$name" "$@" \
-        >"$LOG_DIR/$name.log" 2>&1 &
+    env "${default_sigint[@]}" "${envs[@]}" "$@" >"$LOG_DIR/$name.log" 2>&1 &
     pids+=($!)
     echo "started $name (pid $!), log $LOG_DIR/$name.log"
 }
+start() {   # start NAME ENV... -- ARGS...: one Prefect process worker
+    local name="$1"; shift
+    local envs=()
+    while [[ "$1" != "--" ]]; do envs+=("$1"); shift; done
+    shift
+    launch "$name" "${envs[@]}" -- prefect worker start --type process --name "$name" "$@"
+}
 
+cd "$TURBO_BATCH_HOME"      # the services run `python -m service.…` from the checkout
 for ((i = 0; i < n_gpus; i++)); do
-    start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" -- --pool "$GPU_POOL" --limit 1
+    if [[ "$ENGINE_SERVICE" != 0 ]]; then
+        socket="$RUN_DIR/$HOST-engine-$i.sock"
+        service_args=()
+        [[ "${ENGINE_RANDOM_WEIGHTS:-0}" == 1 ]] && service_args+=(--random-weights)
+        launch "$HOST-engine-$i" "CUDA_VISIBLE_DEVICES=$i" -- \
+            "$PYTHON" -m service.supervise --socket "$socket" --stop-timeout "$STOP_TIMEOUT" -- "${service_args[@]}"
+        start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" "TURBO_ENGINE_SOCKET=$socket" -- --pool "$GPU_POOL" --limit 1
+    else
+        start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" "TURBO_ENGINE_SOCKET=" -- --pool "$GPU_POOL" --limit 1
+    fi
 done
 if [[ "$CPU_WORKER" != 0 ]]; then
-    start "$HOST-cpu" "CUDA_VISIBLE_DEVICES=" -- --pool "$CPU_POOL" --limit "$CPU_LIMIT"
+    start "$HOST-cpu" "CUDA_VISIBLE_DEVICES=" "TURBO_ENGINE_SOCKET=" -- --pool "$CPU_POOL" --limit "$CPU_LIMIT"
 fi
 printf '%s\n' "${pids[@]}" >"$LOG_DIR/workers.pids"
 

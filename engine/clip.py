@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -39,55 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import dense_attention
+from .config import CLIP_FILE, TINY_CLIP, CLIPConfig
 from .errors import CheckpointError
 from .loading import load_module, read_state_dict
 
 __all__ = ["CLIP_FILE", "CLIP_MEAN", "CLIP_STD", "TINY_CLIP", "CLIPConfig", "CLIPVisionH",
            "check_clip_keys", "clip_checkpoint_layout", "load_clip", "preprocess_images"]
 
-CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP, as Wan's _clip() uses
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@dataclass(frozen=True)
-class CLIPConfig:
-    """`clip_xlm_roberta_vit_h_14()`'s dimensions. The text fields only shape the checked keys."""
-    image_size: int = 224
-    patch_size: int = 14
-    dim: int = 1280
-    mlp_ratio: int = 4
-    num_heads: int = 16
-    num_layers: int = 32            # in the file; inference runs num_layers - 1 (use_31_block)
-    embed_dim: int = 1024           # visual.head and textual.head output
-    norm_eps: float = 1e-5
-    vocab_size: int = 250_002       # XLM-RoBERTa large
-    max_text_len: int = 514
-    type_size: int = 1
-    text_dim: int = 1024
-    text_layers: int = 24
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def seq_len(self) -> int:
-        """Tokens out: one per patch plus the class token (257 at 224 px)."""
-        return self.grid ** 2 + 1
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.dim * self.mlp_ratio
-
-    @property
-    def used_layers(self) -> int:
-        return self.num_layers - 1
-
-
-# Tests: 4×4 patches + class token = 17 tokens, 3 blocks in the file (2 run).
-TINY_CLIP = CLIPConfig(image_size=56, patch_size=14, dim=32, num_heads=4, num_layers=3, embed_dim=16,
-                       vocab_size=40, max_text_len=12, text_dim=24, text_layers=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,3 +121,58 @@ def latent_shape(config: WanConfig, num_frames: int, width: int, height: int) ->
     """(C, T, H, W) of the latent for a video of num_frames×height×width."""
     st, sh, sw = config.vae.stride
     return (config.vae.z_dim, 1 + (num_frames - 1) // st, height // sh, width // sw)
+
+
+# -- the dance preset's extra parts (here, not beside their modules: the registry and the manifest
+# read them in processes that never import torch) --
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """`clip_xlm_roberta_vit_h_14()`'s dimensions. The text fields only shape the checked keys."""
+    image_size: int = 224
+    patch_size: int = 14
+    dim: int = 1280
+    mlp_ratio: int = 4
+    num_heads: int = 16
+    num_layers: int = 32            # in the file; inference runs num_layers - 1 (use_31_block)
+    embed_dim: int = 1024           # visual.head and textual.head output
+    norm_eps: float = 1e-5
+    vocab_size: int = 250_002       # XLM-RoBERTa large
+    max_text_len: int = 514
+    type_size: int = 1
+    text_dim: int = 1024
+    text_layers: int = 24
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens out: one per patch plus the class token (257 at 224 px)."""
+        return self.grid ** 2 + 1
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.dim * self.mlp_ratio
+
+    @property
+    def used_layers(self) -> int:
+        return self.num_layers - 1
+
+
+# Tests: 4×4 patches + class token = 17 tokens, 3 blocks in the file (2 run).
+TINY_CLIP = CLIPConfig(image_size=56, patch_size=14, dim=32, num_heads=4, num_layers=3, embed_dim=16,
+                       vocab_size=40, max_text_len=12, text_dim=24, text_layers=2)
+
+
+@dataclass(frozen=True)
+class DancerConfig:
+    """What SteadyDancer adds to the Wan2.1-I2V shape (`WanConfig` with in_dim 36). Defaults = the 14B checkpoint."""
+    pose_dim: int = 16        # in_dim_c: VAE latent channels of the pose video (and of ref_c)
+    clip_dim: int = 1280      # CLIP ViT-H/14 penultimate features (checkpoint_keys.md §5)
+    clip_tokens: int = 257    # 1 class + 16×16 patch tokens; cross-attention splits the context here
+    align_dim: int = 128      # frame-wise attention alignment unit: hidden width and heads
+    align_heads: int = 8

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import cross_attention
-from .config import AttentionType, WanConfig
+from .config import AttentionType, DancerConfig, WanConfig
 from .errors import RequestError
 from .wan_dit import (
     DiTCommon,
@@ -52,16 +51,6 @@ from .wan_dit import (
 )
 
 __all__ = ["DYModule", "DancerConfig", "FactorConv3d", "FrameAttentionAlign", "LayerNorm2D", "SteadyDancerDiT"]
-
-
-@dataclass(frozen=True)
-class DancerConfig:
-    """What SteadyDancer adds to the Wan2.1-I2V shape (`WanConfig` with in_dim 36). Defaults = the 14B checkpoint."""
-    pose_dim: int = 16        # in_dim_c: VAE latent channels of the pose video (and of ref_c)
-    clip_dim: int = 1280      # CLIP ViT-H/14 penultimate features (checkpoint_keys.md §5)
-    clip_tokens: int = 257    # 1 class + 16×16 patch tokens; cross-attention splits the context here
-    align_dim: int = 128      # frame-wise attention alignment unit: hidden width and heads
-    align_heads: int = 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ backend, SLA top-k, steps, seed) apply at run time and never select or reload a 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
@@ -212,6 +213,15 @@ class Engine:
                               lambda: load(spec, self.settings, embedding_cache=self.embedding_cache,
                                            budget_bytes=budget),
                               nbytes=nbytes, name=spec.model.name)
+
+    def warm(self, spec: LoadSpec) -> float:
+        """Load `spec` unless it is warm; the seconds that took (0.0 when it was already loaded)."""
+        if spec.cache_key() in self.cache.keys():
+            self.pipeline(spec)                  # marks it most recently used
+            return 0.0
+        t0 = time.perf_counter()
+        self.pipeline(spec)
+        return time.perf_counter() - t0
 
     def generate(self, spec: LoadSpec, request: GenerationRequest) -> GenerationResult:
         """Generate on the warm pipeline; CUDA out of memory frees every warm model, then fails the row."""

@@ -29,9 +29,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .clip import CLIP_FILE, TINY_CLIP, CLIPConfig
-from .config import DANCE_SIZES, TINY_DANCE_SIZES, TINY_SIZES, UMT5Config, VAEConfig, WanConfig
-from .dance_dit import DancerConfig
+from .config import (
+    CLIP_FILE,
+    DANCE_SIZES,
+    TINY_CLIP,
+    TINY_DANCE_SIZES,
+    TINY_SIZES,
+    CLIPConfig,
+    DancerConfig,
+    UMT5Config,
+    VAEConfig,
+    WanConfig,
+)
 from .errors import CheckpointError, RequestError
 
 __all__ = ["MODELS", "CheckpointFile", "ModelFiles", "ModelSpec", "get_model", "model_names",

@@ -11,6 +11,7 @@ rows from, and the run's metrics; `runs/latest.json` points at the newest.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import fanout
 from tasks.manifest import Manifest, read_manifest
-from tasks.metrics import MetricsRow, metrics_frame, publish_artifacts, summary, summary_markdown
+from tasks.metrics import MetricsRow, gpu_usage, metrics_frame, publish_artifacts, summary, summary_markdown
 from tasks.planning import plan_shards
 from tasks.runs import RunFolder, save_manifest, write_run_metrics
 from tasks.upload import sink_from_uri
@@ -62,6 +63,7 @@ def batch_flow(
     the manifest is then not read a second time. `pose_ahead`: dance rows' poses are extracted
     here (the CPU pool), before the shards start, and stored in the sink for them."""
     log = get_run_logger()
+    started = time.monotonic()
     m = load_manifest(manifest, run_params or {}, strict, allow_https, validated, ignore_unknown)
     for w in m.warnings:
         log.warning("%s", w)
@@ -102,10 +104,12 @@ def batch_flow(
     invalid = [MetricsRow.invalid(e).as_dict() for e in m.errors]
     df = metrics_frame(invalid + results)
     uris = write_run_metrics(df, out, run, LOCAL_RUNS)
-    publish_artifacts(df)
-    print(summary_markdown(df))
+    wall_s = time.monotonic() - started
+    publish_artifacts(df, wall_s=wall_s)
+    print(summary_markdown(df, wall_s=wall_s))
     problems = [f"row {r['row']} ({r['id']}): {r['error']}" for r in results if r["status"] in ("failed", "invalid")]
-    return {**summary(df), "metrics": uris, "run": run.name, "problems": problems}
+    return {**summary(df), "metrics": uris, "run": run.name, "problems": problems, "wall_s": wall_s,
+            "gpus": gpu_usage(df, wall_s)}
 
 
 def _poses_ahead(rows: list, out: Any, checkpoints_dir: str | None) -> None:

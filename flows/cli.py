@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", type=_positive_int, metavar="N",
                    help="GPU worker processes, one per GPU, pinned with CUDA_VISIBLE_DEVICES "
                         "(default: 1, or the visible GPU count when several)")
+    r.add_argument("--engine-socket", metavar="PATH",
+                   help="generate on a running engine service (python -m service.server --socket PATH), "
+                        "whose models stay warm between runs, instead of loading them in this process")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--keep-work", action="store_true",
                    help="keep each row's work folder (frames, fetched inputs) instead of removing it")
@@ -161,6 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_local_prefect()
     if args.keep_work:
         os.environ["TURBO_KEEP_WORK"] = "1"     # read by each shard, in this process or a worker
+    if args.engine_socket:                      # read by flows.shard.new_engine, like a worker's setting
+        if args.gpus and args.gpus > 1:
+            print("turbo-batch: --engine-socket runs on that one service's GPU; leave out --gpus",
+                  file=sys.stderr)
+            return 2
+        os.environ["TURBO_ENGINE_SOCKET"] = str(Path(args.engine_socket).resolve())
     from flows import interrupt
     from flows.local_server import LocalServerError, local_api_server
 

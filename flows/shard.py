@@ -14,12 +14,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from engine.family import Engine
-from engine.settings import EngineSettings
 from flows import interrupt, progress
 from tasks.fetch import FetchSettings
 from tasks.metrics import metrics_frame, publish_artifacts
@@ -27,6 +26,10 @@ from tasks.pose import PoseSettings, PoseStage
 from tasks.rows import RowRunner
 from tasks.runs import load_rows
 from tasks.upload import sink_from_uri
+
+if TYPE_CHECKING:
+    from engine.family import Engine
+    from service.client import EngineClient
 
 __all__ = ["MODE_STAGES", "gpu_shard", "new_engine"]
 
@@ -41,8 +44,23 @@ MODE_STAGES: dict[str, tuple[str, ...]] = {
 }
 
 
-def new_engine(checkpoints_dir: str | None = None, random_weights: bool = False) -> Engine:
-    """The worker's Engine: settings from this process's environment, read once, here."""
+def new_engine(checkpoints_dir: str | None = None, random_weights: bool = False) -> Engine | EngineClient:
+    """The worker's engine, from this process's environment, read once, here: the GPU's engine
+    service when TURBO_ENGINE_SOCKET names one (warm across shards and batches; a service that
+    does not answer within TURBO_ENGINE_WAIT_S, default 120 s, fails the shard, which the batch
+    resubmits), else an in-process Engine."""
+    socket = os.environ.get("TURBO_ENGINE_SOCKET")
+    if socket:
+        from service.client import EngineClient
+        client = EngineClient(socket, checkpoints_dir=checkpoints_dir, random_weights=random_weights,
+                              wait_s=float(os.environ.get("TURBO_ENGINE_WAIT_S") or 120))
+        health = client.wait_ready()
+        print(f"engine service pid {health['pid']} on {health['gpu']}: loaded {health['loaded'] or 'nothing yet'}, "
+              f"VRAM {health['vram_allocated_gb']} GB allocated of budget {health['vram_budget_gb']}, "
+              f"{health['rows_done']} rows done")
+        return client
+    from engine.family import Engine
+    from engine.settings import EngineSettings
     from prompts.embedding_cache import EmbeddingCache
     settings = EngineSettings.from_env(os.environ, checkpoints_dir=checkpoints_dir)
     return Engine(settings, embedding_cache=EmbeddingCache(settings.embed_cache_dir),
@@ -53,9 +71,10 @@ def new_engine(checkpoints_dir: str | None = None, random_weights: bool = False)
       task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]  # Prefect's own hints
 def gpu_shard(manifest: str, rows: list[int], sink: str, shard: int = 0, attempt: int = 1,
               checkpoints_dir: str | None = None, random_weights: bool = False,
-              engine: Engine | None = None) -> list[dict]:
-    """`engine`: a warm Engine the caller keeps across shards (local runs); a deployed shard
-    process makes its own. TURBO_KEEP_WORK=1 keeps the rows' work folders."""
+              engine: Any = None) -> list[dict]:
+    """`engine`: a warm Engine or EngineClient the caller keeps across shards (local runs; typed
+    Any because Prefect builds a model of the parameters and the shard must not import torch);
+    a deployed shard process makes its own. TURBO_KEEP_WORK=1 keeps the rows' work folders."""
     out = sink_from_uri(sink)
     items = load_rows(out, manifest, rows)
     engine = engine or new_engine(checkpoints_dir, random_weights)

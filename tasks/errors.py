@@ -16,6 +16,8 @@
     ├── PostprocessError                  an ffmpeg command failed
     ├── VideoValidationError              the encoded MP4 failed a check
     ├── NoLiveWorkersError                the shard deployment's pool has no live worker
+    ├── EngineUnavailableError (+TransientError)  the GPU's engine service is down or died mid-row
+    ├── EngineServiceError (EngineError)  the engine service refused or failed a row (its class, message)
     └── UploadError
         ├── UploadAuthError               credentials refused: never retried
         ├── UploadConflictError           the key holds different bytes
@@ -43,7 +45,8 @@ from engine.errors import (
     is_transient,
 )
 
-__all__ = ["BackendUnavailableError", "CheckpointError", "EngineError", "InputError",
+__all__ = ["BackendUnavailableError", "CheckpointError", "EngineError", "EngineServiceError",
+           "EngineUnavailableError", "InputError",
            "InputTransientError", "ManifestError", "ManifestFileError", "ManifestRowsError",
            "ModelMemoryError", "NoLiveWorkersError", "PostprocessError", "RequestError", "TransientError",
            "TurboBatchError", "UploadAuthError", "UploadConflictError", "UploadError",
@@ -58,6 +61,25 @@ def retry_transient(task: object, task_run: object, state: object) -> bool:
     except Exception as exc:   # the task's own exception, re-raised by result()
         return is_transient(exc)
     return False
+
+
+# ── the engine service (service/) ─────────────────────────────────────────────────────────────
+
+class EngineUnavailableError(TransientError):
+    """The GPU's engine service is not answering on its socket, or died in the middle of a row
+    (its supervisor restarts it; the row is retried once on the restarted service)."""
+
+
+class EngineServiceError(EngineError):
+    """The engine service answered a row with an error: `kind` is the class it raised there
+    (RequestError, CheckpointError, ModelMemoryError, …), the message is its message."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message = kind, message
+
+    def __reduce__(self):  # Prefect pickles task exceptions: keep both fields
+        return type(self), (self.kind, self.message)
 
 
 # ── manifest ─────────────────────────────────────────────────────────────────────────────────

@@ -18,10 +18,13 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.family import Engine, LoadSpec
 from tasks.manifest import INPUT_COLUMNS, ManifestRow, request_columns
+
+if TYPE_CHECKING:
+    from engine.family import Engine, LoadSpec
+    from service.client import EngineClient, RemoteSpec
 
 __all__ = ["RECIPE_VERSION", "output_key", "row_hash", "row_key"]
 
@@ -69,10 +72,10 @@ def output_key(row: ManifestRow, hash: str) -> str:
     return f"{row.output_name}-{hash[:12]}"
 
 
-def row_key(row: ManifestRow, engine: Engine, spec: LoadSpec,
+def row_key(row: ManifestRow, engine: Engine | EngineClient, spec: LoadSpec | RemoteSpec,
             input_digests: Mapping[str, str] | None = None) -> str:
     """The one identity: the row's output key from its fields, its inputs and the resolved weights."""
-    return output_key(row, row_hash(row, engine.model_identity(spec), input_digests))
+    return output_key(row, row_hash(row, engine.model_identity(spec), input_digests))  # type: ignore[arg-type]  # each engine takes its own spec
 
 
 def _reference_identity(reference: str | None) -> str | None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from tasks.manifest import ManifestRow, RowError
     from tasks.pose import PoseOutput
 
-__all__ = ["COLUMNS", "STATUSES", "MetricsRow", "metrics_frame", "publish_artifacts",
+__all__ = ["COLUMNS", "STATUSES", "MetricsRow", "gpu_usage", "metrics_frame", "publish_artifacts",
            "summary", "summary_markdown", "write_metrics"]
 
 COLUMNS: dict[str, pl.DataType] = {
@@ -41,6 +41,8 @@ COLUMNS: dict[str, pl.DataType] = {
     "t_image_s": pl.Float64(), "t_switch_s": pl.Float64(),
     "t_vae_s": pl.Float64(), "t_postprocess_s": pl.Float64(), "t_validate_s": pl.Float64(),
     "t_upload_s": pl.Float64(), "t_total_s": pl.Float64(),
+    # the engine's side of the row: waiting for the GPU's service, time in it, model loading (0: warm)
+    "queue_wait_s": pl.Float64(), "service_s": pl.Float64(), "model_load_s": pl.Float64(),
     # resources
     "peak_vram_gb": pl.Float64(), "text_cache_hit": pl.Boolean(),
     # two-expert models (i2v): memory policy, experts moved onto the GPU, rows sharing those moves
@@ -83,6 +85,9 @@ class MetricsRow:
     t_validate_s: float | None = None
     t_upload_s: float | None = None
     t_total_s: float | None = None
+    queue_wait_s: float | None = None            # waiting for the engine service's GPU
+    service_s: float | None = None               # in the engine: model load, text, denoise, decode
+    model_load_s: float | None = None            # 0 when the model was warm
     peak_vram_gb: float | None = None
     text_cache_hit: bool | None = None
     expert_policy: str | None = None
@@ -127,6 +132,7 @@ class MetricsRow:
         self.gpu, self.peak_vram_gb, self.text_cache_hit = out.gpu, out.peak_vram_gb, out.text_cache_hit
         self.t_text_s, self.t_denoise_s, self.t_vae_s = t["text_s"], t["denoise_s"], t["vae_s"]
         self.sampler = out.sampler or None
+        self.queue_wait_s, self.service_s, self.model_load_s = out.queue_wait_s, out.service_s, out.model_load_s
         if out.expert_policy:
             self.t_image_s = t.get("image_s")
             self.t_switch_s = t.get("switch_s", 0.0) + t.get("expert_in_s", 0.0)
@@ -228,10 +234,27 @@ def summary(df: pl.DataFrame) -> dict[str, Any]:
     }
 
 
+def gpu_usage(df: pl.DataFrame, wall_s: float) -> list[dict[str, Any]]:
+    """Per GPU (the `gpu` label) over a batch of `wall_s` seconds: rows it generated, its busy
+    fraction (seconds inside the engine / wall time) and rows per GPU-hour of that wall time."""
+    if wall_s <= 0 or "gpu" not in df.columns:
+        return []
+    ran = df.filter(pl.col("gpu").is_not_null() & pl.col("service_s").is_not_null())
+    out = []
+    for (gpu,), part in sorted(ran.group_by("gpu"), key=lambda g: str(g[0][0])):
+        busy = float(part["service_s"].sum())
+        out.append({"gpu": gpu, "rows": part.height, "busy_s": round(busy, 1),
+                    "busy_fraction": round(min(busy / wall_s, 1.0), 3),
+                    "rows_per_gpu_hour": round(part.height * 3600.0 / wall_s, 1),
+                    "model_load_s": round(float(part["model_load_s"].fill_null(0).sum()), 1)})
+    return out
+
+
 CONTACT_SHEET_COLUMNS = 4      # poster thumbnails per row of the contact sheet
 
 
-def summary_markdown(df: pl.DataFrame, title: str = "turbo-batch run", *, contact_sheet: bool = False) -> str:
+def summary_markdown(df: pl.DataFrame, title: str = "turbo-batch run", *, contact_sheet: bool = False,
+                     wall_s: float | None = None) -> str:
     """The summary table; with `contact_sheet`, a grid of posters linked to their videos; then
     the rows that did not succeed, each with its error. Every user value goes through `shown`."""
     from tasks.text import shown
@@ -244,6 +267,13 @@ def summary_markdown(df: pl.DataFrame, title: str = "turbo-batch run", *, contac
         f"| {s['rows']} | {s['succeeded']} | {s['skipped']} | {s['failed']} | {s['invalid']} | "
         f"{s['gpu_seconds']:.1f} | {s['gpu_seconds_per_video']:.2f} | {s['bytes'] / 1e6:.1f} |",
     ]
+    usage = gpu_usage(df, wall_s) if wall_s else []
+    if usage:
+        lines += ["", f"Per GPU over {wall_s:.0f} s of batch wall time:", "",
+                  "| GPU | rows | busy | busy fraction | rows per GPU-hour | model loading |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {shown(u['gpu'])} | {u['rows']} | {u['busy_s']} s | {u['busy_fraction']:.2f} | "
+                  f"{u['rows_per_gpu_hour']} | {u['model_load_s']} s |" for u in usage]
     if contact_sheet:
         lines += contact_sheet_lines(df)
     bad = df.filter(pl.col("status").is_in(["failed", "invalid"]))
@@ -306,7 +336,7 @@ def _md_code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def publish_artifacts(df: pl.DataFrame, key: str = "turbo-batch-metrics") -> None:
+def publish_artifacts(df: pl.DataFrame, key: str = "turbo-batch-metrics", *, wall_s: float | None = None) -> None:
     """Table + markdown artifacts on the current Prefect run (no-op outside a run); the markdown
     one is the summary with a contact sheet of the posters."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -317,6 +347,6 @@ def publish_artifacts(df: pl.DataFrame, key: str = "turbo-batch-metrics") -> Non
         return
     table = [{k: v for k, v in r.items() if v is not None} for r in df.iter_rows(named=True)]
     create_table_artifact(table=table, key=key, description="per-row metrics")
-    create_markdown_artifact(markdown=summary_markdown(df, contact_sheet=True), key=f"{key}-summary",
+    create_markdown_artifact(markdown=summary_markdown(df, contact_sheet=True, wall_s=wall_s), key=f"{key}-summary",
                              description="batch summary")
 

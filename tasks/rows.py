@@ -22,13 +22,12 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from engine.family import Engine, LoadSpec
 from tasks.deliver import deliver, find_completed
 from tasks.errors import InputError, retry_transient
 from tasks.fetch import FetchedInputs, FetchSettings, fetch
@@ -39,6 +38,10 @@ from tasks.metrics import MetricsRow
 from tasks.pose import PoseOutput, PoseStage, pose
 from tasks.text import shown
 from tasks.upload import Sink
+
+if TYPE_CHECKING:
+    from engine.family import Engine, LoadSpec
+    from service.client import EngineClient, RemoteSpec
 
 __all__ = ["STAGES", "RowRunner", "check_completed"]
 
@@ -58,7 +61,7 @@ class _Row:
     row: ManifestRow
     metrics: MetricsRow
     work: Path
-    spec: LoadSpec | None = None
+    spec: LoadSpec | RemoteSpec | None = None
     inputs: FetchedInputs | None = None
     key: str = ""
     generated: GenerateOutput | None = None
@@ -69,7 +72,7 @@ class _Row:
 
 @dataclass
 class RowRunner:
-    engine: Engine
+    engine: Engine | EngineClient              # in-process, or the GPU's engine service
     sink: Sink
     work_root: Path
     fetch_settings: FetchSettings

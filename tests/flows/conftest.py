@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,7 @@ class PrefectStack:
     home: Path          # the deployed copy of the repository (TURBO_BATCH_HOME)
     logs: Path
     s3: S3TestServer
+    engine_sockets: list[Path] = field(default_factory=list)   # each "GPU"'s engine service
 
     @contextmanager
     def settings(self) -> Iterator[None]:
@@ -149,7 +150,8 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectS
                    "TURBO_EMBED_CACHE": str(root / "text-cache"), "PYTHONUNBUFFERED": "1",
                    # DWPose stand-ins (tests/pose/graphs.py) for dance rows, on every worker
                    "TURBO_POSE_DIR": str(write_dwpose_stand_ins(root / "dwpose"))}
-            stack = PrefectStack(api_url=api_url, env=env, home=home, logs=logs, s3=s3)
+            stack = PrefectStack(api_url=api_url, env=env, home=home, logs=logs, s3=s3,
+                                 engine_sockets=[root / "run" / f"ci-engine-{i}.sock" for i in range(2)])
             subprocess.run(["bash", "deployments/create-pools.sh"], env=env, cwd=home, check=True,
                            capture_output=True, timeout=120)
             # TURBO_BATCH_HOME is unset here on purpose: the pull step keeps its placeholder and
@@ -158,7 +160,8 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectS
             workers = subprocess.Popen(
                 ["bash", "deployments/start-workers.sh"], cwd=home,
                 env={**env, "GPUS": "2", "LOG_DIR": str(logs), "WORKER_HOST": "ci",
-                     "TURBO_BATCH_HOME": str(home)},
+                     "TURBO_BATCH_HOME": str(home), "RUN_DIR": str(root / "run"),
+                     "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")},
                 stdout=(logs / "start-workers.out").open("wb"), stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True)
             _wait_workers_online(stack, {"ci-gpu-0", "ci-gpu-1", "ci-cpu"}, workers)

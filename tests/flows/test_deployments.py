@@ -287,6 +287,60 @@ def test_sigkilled_shard_is_resubmitted_and_finished_rows_are_not_uploaded_again
     assert {n for k, n in counts.items() if not k.startswith(f"{prefix}/runs/")} == {1}, counts
 
 
+@e2e[0]
+@e2e[1]
+def test_engine_services_stay_warm_across_batches_and_a_sigkilled_one_is_replaced(prefect_stack, tmp_path):
+    """Two batches in a row on the two GPUs' engine services: the second loads nothing and talks to
+    the same processes. Then a SIGKILL of one service mid-row: that row is retried once on the
+    restarted service, every row succeeds, and nothing is uploaded twice."""
+    from service.client import EngineClient
+    stack = prefect_stack
+    services = [EngineClient(s) for s in stack.engine_sockets]
+    pids = [c.wait_ready(60)["pid"] for c in services]
+    bucket = versioned_bucket(stack)
+
+    def batch(prefix: str, ids: list[str], frames: int = 9) -> pl.DataFrame:
+        run_batch(stack, write_manifest(tmp_path / f"{prefix}.csv", ids, num_frames=frames),
+                  f"s3://{bucket}/{prefix}", "--param", "max_rows_per_shard=2")
+        return read_metrics(stack, bucket, prefix)
+
+    first = batch("warm-a", [f"a-{i}" for i in range(4)])
+    second = batch("warm-b", [f"b-{i}" for i in range(4)])
+    for df in (first, second):
+        assert df["status"].to_list() == ["succeeded"] * 4, df.select("id", "status", "error")
+    assert second["model_load_s"].to_list() == [0.0] * 4
+    assert all(s > 0 for s in second["service_s"].to_list())
+    assert [c.health()["pid"] for c in services] == pids
+    assert len(set(second["gpu"].to_list())) == 2
+
+    prefix, ids = "killed", [f"k-{i}" for i in range(4)]
+    manifest = write_manifest(tmp_path / "killed.csv", ids, num_frames=17)
+    run = subprocess.Popen(
+        ["prefect", "deployment", "run", "batch/batch", "--param", f"manifest={manifest}",
+         "--param", f"sink=s3://{bucket}/{prefix}", "--param", "max_rows_per_shard=2",
+         "--watch", "--watch-timeout", "300"],
+        env=stack.env, cwd=stack.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = _wait_for(lambda: [c for c in services if c.health()["busy"]], 180, poll=0.05)[0]
+        killed = victim.health()["pid"]
+        os.kill(killed, signal.SIGKILL)
+        out, _ = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out[-4000:] + stack.worker_logs()
+    df = read_metrics(stack, bucket, prefix)
+    assert sorted(df["id"].to_list()) == ids
+    assert df["status"].to_list() == ["succeeded"] * 4, df.select("id", "status", "error")
+    assert victim.wait_ready(60)["pid"] != killed                  # restarted by its supervisor
+    assert sum(load > 0 for load in df["model_load_s"].to_list()) == 1   # the retried row reloaded
+    counts = versions_per_key(stack, bucket, prefix)
+    assert len(output_keys(prefix, counts, ".mp4")) == 4
+    assert {n for k, n in counts.items() if not k.startswith(f"{prefix}/runs/")} == {1}, counts
+    others = [c for c in services if c is not victim]
+    assert [c.health()["pid"] for c in others] == [p for c, p in zip(services, pids) if c is not victim]
+
+
 def _shard_pid(flow_run) -> int:
     """The shard's process: the run's infrastructure pid, checked against its environment."""
     pid = int(flow_run.infrastructure_pid)

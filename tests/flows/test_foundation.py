@@ -200,8 +200,8 @@ def test_same_checkpoints_skip_a_replaced_checkpoint_regenerates(tmp_path):
 def test_samples_of_one_row_overlapping_on_a_gpu_keep_their_own_work_folders(tmp_path, monkeypatch):
     """num_samples expands one row into several items with the same row number; on a GPU the
     next sample generates while the previous one is delivered, so each needs its own folder."""
-    import tasks.generate
-    monkeypatch.setattr(tasks.generate, "gpu_label", lambda: "cuda:0 (pretend: overlap deliveries)")
+    import tasks.generated
+    monkeypatch.setattr(tasks.generated, "gpu_label", lambda: "cuda:0 (pretend: overlap deliveries)")
     rows = [_row(1, id=f"s-s{i}", seed=i, sample=i, num_samples=3) for i in range(3)]
     out = run_shard(rows, sink=str(tmp_path / "out"))
     assert [m["status"] for m in out] == ["succeeded"] * 3, [m["error"] for m in out]

@@ -198,8 +198,9 @@ def test_batch_gives_up_shards_a_live_worker_never_takes(prefect_stack, empty_po
 @slow[1]
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_start_workers_stops_its_worker_on_sigterm(prefect_stack, tmp_path, sigint):
-    """`kill` (SIGTERM) stops the script and its worker, also when the script was started with
-    SIGINT ignored (what a non-interactive shell does to `start-workers.sh &`)."""
+    """`kill` (SIGTERM) stops the script, its worker and the GPU's engine service (nothing naming
+    the host is left), also when the script was started with SIGINT ignored (what a
+    non-interactive shell does to `start-workers.sh &`)."""
     from prefect.client.orchestration import get_client
 
     stack = prefect_stack
@@ -221,7 +222,7 @@ def test_start_workers_stops_its_worker_on_sigterm(prefect_stack, tmp_path, sigi
                     return False
         wait_for(online, 90, poll=0.5, what="worker online")
         pids = [int(p) for p in (tmp_path / "workers.pids").read_text().split()]
-        assert len(pids) == 1
+        assert len(pids) == 2                  # the GPU's engine service (its supervisor) and its worker
 
         script.send_signal(signal.SIGTERM)
         try:

@@ -1,0 +1,140 @@
+"""The engine service, for real: a supervised `service.server` process on a Unix socket, the client
+a shard uses, the tiny preset on the CPU. No Prefect server here (tests/flows/test_deployments.py
+runs the services under start-workers.sh)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.requests import T2VRequest
+from service.client import EngineClient
+from tasks.errors import EngineServiceError, EngineUnavailableError, is_transient
+
+REPO = Path(__file__).resolve().parents[2]
+ROW = T2VRequest(prompt="a red kite over the sea", num_frames=5, num_steps=2, seed=4)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[EngineClient, subprocess.Popen, Path]]:
+    socket = tmp_path / "engine.sock"
+    log = tmp_path / "supervisor.log"
+    env = {**os.environ, "TURBO_EMBED_CACHE": str(tmp_path / "text"), "PYTHONUNBUFFERED": "1"}
+    env.pop("TURBO_ENGINE_SOCKET", None)
+    with log.open("wb") as out:
+        supervisor = subprocess.Popen([sys.executable, "-m", "service.supervise", "--socket", str(socket),
+                                       "--stop-timeout", "10"], cwd=REPO, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+    client = EngineClient(socket, wait_s=60)
+    try:
+        client.wait_ready()
+        yield client, supervisor, log
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+
+
+def test_rows_run_warm_and_frames_come_back_through_the_work_folder(service, tmp_path):
+    client, _, _ = service
+    first_pid = client.health()["pid"]
+    spec = client.load_spec("tiny-t2v")
+    assert client.model_identity(spec).startswith("tiny-t2v/")
+    a = client.generate(spec, ROW, tmp_path / "row-a")
+    b = client.generate(spec, ROW, tmp_path / "row-b")
+    assert a.frames_path == tmp_path / "row-a" / "frames.npy" and a.frames_path.is_file()
+    assert a.model_load_s > 0 and b.model_load_s == 0            # loaded once, warm afterwards
+    assert a.service_s > 0 and b.queue_wait_s >= 0 and a.gpu.startswith("cpu")
+    assert np.array_equal(np.load(a.frames_path), np.load(b.frames_path))   # same seed, same video
+    health = client.health()
+    assert health["pid"] == first_pid and health["loaded"] == ["tiny-t2v"] and health["model_loads"] == 1
+    assert health["rows_done"] == 2 and health["busy"] is False
+
+
+def test_refusals_name_the_engine_error_and_are_not_transient(service, tmp_path):
+    client, _, _ = service
+    with pytest.raises(EngineServiceError, match=r"RequestError: invalid model='no-such-model'") as bad:
+        client.generate(client.load_spec("no-such-model"), ROW, tmp_path / "row")
+    assert bad.value.kind == "RequestError" and not is_transient(bad.value)
+    elsewhere = EngineClient(client.socket, checkpoints_dir=str(tmp_path / "other-checkpoints"))
+    with pytest.raises(EngineServiceError, match="restart it with CHECKPOINTS_DIR"):
+        elsewhere.generate(elsewhere.load_spec("tiny-t2v"), ROW, tmp_path / "row")
+    with pytest.raises(EngineServiceError, match="num_steps"):
+        client.generate(client.load_spec("tiny-t2v"), T2VRequest(prompt="x", num_steps=9), tmp_path / "row")
+    assert client.health()["status"] == "ok"                    # the service survives them all
+
+
+def test_a_killed_service_is_restarted_and_the_row_it_ran_fails_transiently(service, tmp_path):
+    client, _, log = service
+    spec = client.load_spec("tiny-t2v")
+    client.generate(spec, ROW, tmp_path / "warm")
+    pid = client.health()["pid"]
+    long_row = T2VRequest(prompt="a long one", num_frames=17, num_steps=4, seed=1)
+    import threading
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            client.generate(spec, long_row, tmp_path / "killed")
+        except BaseException as e:          # noqa: BLE001  (the test reads it below)
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not client.health()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert errors and isinstance(errors[0], EngineUnavailableError) and is_transient(errors[0])
+    again = client.generate(spec, ROW, tmp_path / "after")        # waits for the restarted service
+    health = client.health()
+    assert health["pid"] != pid and again.model_load_s > 0 and again.frames_path.is_file()
+    assert f"pid {pid} exited with -9" in log.read_text()
+
+
+def test_a_service_that_stays_down_is_a_bounded_wait(tmp_path):
+    client = EngineClient(tmp_path / "nobody.sock", wait_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(EngineUnavailableError, match="not answering after 1 s"):
+        client.wait_ready()
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_shard_that_talks_to_a_service_never_imports_torch():
+    code = ("import sys, flows.shard, tasks.rows, tasks.generate, service.client; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_cli_runs_on_a_running_service_and_finds_it_warm_the_second_time(service, tmp_path):
+    import polars as pl
+
+    from tests.cli import turbo_batch
+    client, _, _ = service
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,mode,prompt,model,num_frames,num_steps,seed\n"
+                        "one,t2v,a boat at dawn,tiny-t2v,5,2,1\ntwo,t2v,a boat at dusk,tiny-t2v,5,2,2\n")
+    pid = client.health()["pid"]
+    loads = []
+    for out in ("first", "second"):
+        done = turbo_batch("run", str(manifest), "--out", str(tmp_path / out), "--engine-socket", str(client.socket),
+                           "--no-progress", env={"TURBO_ENGINE_SOCKET": ""})
+        assert done.returncode == 0, done.stderr[-3000:]
+        df = pl.read_parquet(next((tmp_path / out).glob("runs/*/metrics.parquet")))
+        assert df["status"].to_list() == ["succeeded"] * 2
+        loads.append(df["model_load_s"].to_list())
+    assert loads[0][0] > 0 and loads[1] == [0.0, 0.0]          # the second run loaded nothing
+    health = client.health()
+    assert health["pid"] == pid and health["rows_done"] == 4 and health["model_loads"] == 1
