@@ -181,6 +181,7 @@ class Engine:
         self.random_weights = random_weights     # benchmarks: real-size presets, no files
         self.cache: ModelCache[Pipeline] = ModelCache(
             device_budget_bytes(self.device, settings.vram_budget_gb))
+        self._load_s: dict[tuple, float] = {}    # load seconds not yet reported by a row
 
     def load_spec(self, model: str, quant_linear: str = "auto", lora: str | None = None) -> LoadSpec:
         """`lora`: a LoRA file (a name in the checkpoints folder, or a path) merged into the DiT at
@@ -209,19 +210,18 @@ class Engine:
         budget = self.cache.budget_bytes
         dits = resident_dits(spec.model, self.settings, budget)
         nbytes = estimate_bytes(spec.model.config, dits) if spec.device.type == "cuda" else 0
-        return self.cache.get(spec.cache_key(),
-                              lambda: load(spec, self.settings, embedding_cache=self.embedding_cache,
-                                           budget_bytes=budget),
-                              nbytes=nbytes, name=spec.model.name)
+        def timed_load() -> Pipeline:
+            t0 = time.perf_counter()
+            pipeline = load(spec, self.settings, embedding_cache=self.embedding_cache, budget_bytes=budget)
+            self._load_s[spec.cache_key()] = self._load_s.get(spec.cache_key(), 0.0) + time.perf_counter() - t0
+            return pipeline
 
-    def warm(self, spec: LoadSpec) -> float:
-        """Load `spec` unless it is warm; the seconds that took (0.0 when it was already loaded)."""
-        if spec.cache_key() in self.cache.keys():
-            self.pipeline(spec)                  # marks it most recently used
-            return 0.0
-        t0 = time.perf_counter()
-        self.pipeline(spec)
-        return time.perf_counter() - t0
+        return self.cache.get(spec.cache_key(), timed_load, nbytes=nbytes, name=spec.model.name)
+
+    def take_load_seconds(self, spec: LoadSpec) -> float:
+        """Seconds spent loading `spec` since the last call (0.0 when it stayed warm): the row that
+        asks first is the one that paid, whichever call (planning, generate) did the loading."""
+        return self._load_s.pop(spec.cache_key(), 0.0)
 
     def generate(self, spec: LoadSpec, request: GenerationRequest) -> GenerationResult:
         """Generate on the warm pipeline; CUDA out of memory frees every warm model, then fails the row."""

@@ -106,9 +106,9 @@ class EngineService:
         spec, request = self.spec(body["spec"]), self.request(body)
 
         def work():
-            load_s = self.engine.warm(spec)
             self.engine.pipeline(spec).prepare(int(body.get("expected_rows", 1)))
-            return self.engine.generate(spec, request), load_s
+            result = self.engine.generate(spec, request)
+            return result, self.engine.take_load_seconds(spec)
 
         (result, load_s), waited, ran = self.run(work)
         self.rows_done += 1
@@ -143,7 +143,8 @@ class EngineService:
         spec, pending = self._pending.pop(handle)
         result, waited, ran = self.run(lambda: self.engine.finish(spec, pending))
         self.rows_done += 1
-        return save_generation(result, Path(body["work_dir"]), queue_wait_s=waited, service_s=ran).to_json()
+        return save_generation(result, Path(body["work_dir"]), model_load_s=self.engine.take_load_seconds(spec),
+                               queue_wait_s=waited, service_s=ran).to_json()
 
     def health(self) -> dict[str, Any]:
         import torch

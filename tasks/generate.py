@@ -55,10 +55,10 @@ def run_generate(row: ManifestRow, work_dir: Path, engine: Engine | EngineClient
     import time
     t0 = time.perf_counter()
     local = _local(engine)
-    load_s = local.warm(spec)
     local.pipeline(spec).prepare(expected_rows)
     result = local.generate(spec, row.request(inputs))
-    return save_generation(result, work_dir, model_load_s=load_s, service_s=time.perf_counter() - t0)
+    return save_generation(result, work_dir, model_load_s=local.take_load_seconds(spec),
+                           service_s=time.perf_counter() - t0)
 
 
 def run_generate_start(row: ManifestRow, engine: Engine | EngineClient, spec: Any, *,
@@ -74,7 +74,8 @@ def run_generate_finish(row: ManifestRow, work_dir: Path, engine: Engine | Engin
     """The rest of a row `run_generate_start` paused: its frames in the work folder."""
     if (client := _remote(engine)) is not None:
         return client.finish(spec, pending, work_dir)
-    return save_generation(_local(engine).finish(spec, pending), work_dir)
+    local = _local(engine)
+    return save_generation(local.finish(spec, pending), work_dir, model_load_s=local.take_load_seconds(spec))
 
 
 def _engine_restarted(task, task_run, state) -> bool:

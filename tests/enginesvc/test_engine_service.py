@@ -138,3 +138,20 @@ def test_the_cli_runs_on_a_running_service_and_finds_it_warm_the_second_time(ser
     assert loads[0][0] > 0 and loads[1] == [0.0, 0.0]          # the second run loaded nothing
     health = client.health()
     assert health["pid"] == pid and health["rows_done"] == 4 and health["model_loads"] == 1
+
+
+def test_the_row_that_paid_for_the_load_reports_it_in_process_and_on_a_service(service, tmp_path, monkeypatch):
+    """The shard loads the model while planning its first row (rows per group), before generate:
+    that row still carries the load time, the others 0, on both engines."""
+    from tasks.manifest import ManifestRow
+    from tests.shards import run_shard
+    rows = [ManifestRow(row=i, id=f"r{i}", mode="t2v", prompt=f"prompt {i}", model="tiny-t2v", num_frames=5,
+                        num_steps=1, seed=i) for i in range(3)]
+    monkeypatch.delenv("TURBO_ENGINE_SOCKET", raising=False)
+    local = run_shard(rows, sink=str(tmp_path / "local"))
+    monkeypatch.setenv("TURBO_ENGINE_SOCKET", str(service[0].socket))
+    remote = run_shard(rows, sink=str(tmp_path / "remote"))
+    for metrics in (local, remote):
+        assert [m["status"] for m in metrics] == ["succeeded"] * 3, [m["error"] for m in metrics]
+        loads = [m["model_load_s"] for m in metrics]
+        assert loads[0] > 0 and loads[1:] == [0.0, 0.0], loads
