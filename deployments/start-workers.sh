@@ -30,10 +30,12 @@ GPU_POOL="${GPU_POOL:-gpu}"
 CPU_POOL="${CPU_POOL:-cpu}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 ENGINE_SERVICE="${ENGINE_SERVICE:-1}"
-# Host-local by design: the services' sockets, and inductor's compile cache (a restarted service
-# compiles from it). A Unix socket path must stay under 108 bytes, hence a short default.
+# Host-local by design, and named per host (a home folder shared over NFS stays safe): the
+# services' sockets, inductor's compile cache (a restarted service compiles from it) and the
+# text-embedding cache. A Unix socket path must stay under 108 bytes, hence a short default.
 RUN_DIR="${RUN_DIR:-${TMPDIR:-/tmp}/turbo-batch-${UID:-0}}"
-export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${HOME:-/tmp}/.cache/turbo-batch/inductor}"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${HOME:-/tmp}/.cache/turbo-batch/$HOST/inductor}"
+export TURBO_EMBED_CACHE="${TURBO_EMBED_CACHE:-${HOME:-/tmp}/.cache/turbo-batch/$HOST/text}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$LOG_DIR" "$RUN_DIR"
 LOG_DIR="$(cd "$LOG_DIR" && pwd)"   # absolute: the script changes into the checkout below

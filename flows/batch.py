@@ -64,6 +64,8 @@ def batch_flow(
     here (the CPU pool), before the shards start, and stored in the sink for them."""
     log = get_run_logger()
     started = time.monotonic()
+    if launch == "deployments":   # a pool over several hosts: nothing on this host's disk (before reading)
+        fanout.require_shared_storage(fanout.live_worker_hosts(shard_deployment), manifest, sink, os.environ)
     m = load_manifest(manifest, run_params or {}, strict, allow_https, validated, ignore_unknown)
     for w in m.warnings:
         log.warning("%s", w)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tasks.errors import NoLiveWorkersError
+from tasks.errors import NoLiveWorkersError, SharedStorageError
 
 log = logging.getLogger(__name__)
 CREATE_CONCURRENCY = 4
@@ -110,6 +110,50 @@ def require_live_workers(deployment: str) -> int:
     if pool is not None and n == 0:
         raise NoLiveWorkersError(pool, deployment)
     return int(n)
+
+
+def worker_host(name: str) -> str:
+    """The host of a worker named by start-workers.sh (`<host>-gpu-N`, `<host>-cpu`); other names
+    are their own host."""
+    for marker in ("-gpu-", "-cpu"):
+        head, sep, tail = name.rpartition(marker)
+        if sep and head and (marker == "-cpu" and tail == "" or tail.isdigit()):
+            return head
+    return name
+
+
+def live_worker_hosts(deployment: str) -> list[str]:
+    """The hosts with a live worker on the deployment's pool ([] when the API cannot tell)."""
+    async def hosts() -> list[str]:
+        from prefect.client.orchestration import get_client
+        async with get_client() as client:
+            dep = await client.read_deployment_by_name(deployment)
+            if dep.work_pool_name is None:
+                return []
+            return sorted({worker_host(w.name) for w in await _live_workers(client, dep.work_pool_name)})
+    try:
+        return list(_run_coro(hosts()))
+    except Exception as e:
+        log.warning("could not list the hosts of %s's pool: %s", deployment, e)
+        return []
+
+
+def require_shared_storage(hosts: list[str], manifest: str, sink: str, env: Mapping[str, str]) -> None:
+    """On a pool that spans hosts, every place a shard reads or writes must be reachable from all
+    of them: the manifest and the sink under s3://, results in a storage block, not a local folder."""
+    if len(hosts) < 2:
+        return
+    problems = []
+    if not str(manifest).startswith("s3://"):
+        problems.append(f"the manifest {manifest!r} is a local path: put it under s3:// (e.g. the sink's bucket)")
+    if not str(sink).startswith("s3://"):
+        problems.append(f"the sink {sink!r} is a local folder: use an s3:// sink")
+    if not env.get("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"):
+        problems.append("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK is not set, so each shard's results would stay "
+                        "on its own host: create the block with deployments/create-result-storage.py and set it "
+                        "on every host")
+    if problems:
+        raise SharedStorageError(hosts, problems)
 
 
 def heartbeat_is_recent(last: datetime | None, interval_s: int | None, now: datetime) -> bool:

@@ -16,6 +16,7 @@
     ├── PostprocessError                  an ffmpeg command failed
     ├── VideoValidationError              the encoded MP4 failed a check
     ├── NoLiveWorkersError                the shard deployment's pool has no live worker
+    ├── SharedStorageError                a multi-host pool, and a manifest, sink or result storage on one host's disk
     ├── EngineUnavailableError (+TransientError)  the GPU's engine service is down or died mid-row
     ├── EngineServiceError (EngineError)  the engine service refused or failed a row (its class, message)
     └── UploadError
@@ -48,7 +49,8 @@ from engine.errors import (
 __all__ = ["BackendUnavailableError", "CheckpointError", "EngineError", "EngineServiceError",
            "EngineUnavailableError", "InputError",
            "InputTransientError", "ManifestError", "ManifestFileError", "ManifestRowsError",
-           "ModelMemoryError", "NoLiveWorkersError", "PostprocessError", "RequestError", "TransientError",
+           "ModelMemoryError", "NoLiveWorkersError", "PostprocessError", "RequestError", "SharedStorageError",
+           "TransientError",
            "TurboBatchError", "UploadAuthError", "UploadConflictError", "UploadError",
            "UploadIntegrityError", "UploadTransientError", "VideoValidationError", "is_transient",
            "retry_transient"]
@@ -200,3 +202,16 @@ class NoLiveWorkersError(TurboBatchError, RuntimeError):
 
 
 from tasks.manifest_errors import ManifestFileError, ManifestRowsError  # noqa: E402
+
+
+class SharedStorageError(TurboBatchError, ValueError):
+    """The GPU pool spans several hosts, but the batch names a place only one host can see."""
+
+    def __init__(self, hosts: list[str], problems: list[str]):
+        self.hosts, self.problems = list(hosts), list(problems)
+        super().__init__(
+            f"the gpu pool has live workers on {len(hosts)} hosts ({', '.join(hosts)}), which share no disk: "
+            + "; ".join(problems) + " (deployments/README.md, \"A second host\")")
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (type(self), (self.hosts, self.problems))
