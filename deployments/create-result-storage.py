@@ -34,7 +34,8 @@ def save_block(uri: str, name: str, env: dict[str, str], *, region: str = "auto"
     creds = r2_credentials(env)
     endpoint = creds.endpoint_url or f"https://{creds.account_id}.r2.cloudflarestorage.com"
     params = AwsClientParameters(
-        endpoint_url=endpoint, verify_cert_path=env.get("R2_CA_BUNDLE") or None,
+        # verify=True: prefect-aws's default (False) would skip TLS checks and ignore the CA file.
+        endpoint_url=endpoint, verify=True, verify_cert_path=env.get("R2_CA_BUNDLE") or None,
         config={"signature_version": "s3v4", "s3": {"addressing_style": "path"},
                 "request_checksum_calculation": "when_required",
                 "response_checksum_validation": "when_required",

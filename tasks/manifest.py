@@ -33,7 +33,7 @@ from engine.config import WanConfig
 from engine.errors import RequestError
 from engine.registry import MODELS, model_names
 from engine.requests import REQUEST_TYPES, GenerationRequest, I2VRequest
-from tasks.errors import InputError
+from tasks.errors import InputError, TurboBatchError
 from tasks.inputs import check_audio, check_image, check_video, host_allowed, parse_host_list
 from tasks.manifest_errors import ManifestFileError, ManifestRowsError, count_rows
 from tasks.text import shown
@@ -302,6 +302,22 @@ def r2_storage_options(env: Mapping[str, str]) -> dict[str, str] | None:
 
 # ── reading the file ─────────────────────────────────────────────────────────────────────────────
 
+def _s3_bytes(uri: str, env: Mapping[str, str]) -> io.BytesIO:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tasks.upload import make_s3_client_from_env
+    bucket, _, key = uri[5:].partition("/")
+    try:
+        body = make_s3_client_from_env(dict(env)).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        reason = "not found" if code in ("NoSuchKey", "404", "NoSuchBucket") else f"cannot be read ({code or e})"
+        raise ManifestFileError(uri, reason) from None
+    except (BotoCoreError, TurboBatchError) as e:
+        raise ManifestFileError(uri, f"cannot be read ({_first_line(e)})") from None
+    return io.BytesIO(body)
+
+
 def _read_table(source: str, env: Mapping[str, str]) -> pl.DataFrame:
     """The manifest as a table of strings (None = empty cell), header names stripped."""
     scheme = _SCHEME.match(source)
@@ -309,11 +325,14 @@ def _read_table(source: str, env: Mapping[str, str]) -> pl.DataFrame:
         raise ManifestFileError(source, f"{scheme.group(1)}:// is not supported; use a local path or s3://")
     try:
         if source.startswith("s3://"):
-            options = r2_storage_options(env)
+            # polars' object_store takes no CA file: a private endpoint with its own CA
+            # (R2_CA_BUNDLE) is read with the sink's boto3 client, then parsed from memory.
+            data: Any = _s3_bytes(source, env) if env.get("R2_CA_BUNDLE") else source
+            options = None if env.get("R2_CA_BUNDLE") else r2_storage_options(env)
             if source.lower().endswith((".parquet", ".pq")):
-                table = pl.read_parquet(source, storage_options=options)
+                table = pl.read_parquet(data, storage_options=options)
             else:
-                table = pl.read_csv(source, infer_schema=False, storage_options=options)
+                table = pl.read_csv(data, infer_schema=False, storage_options=options)
         else:
             table = _read_local(Path(source))
     except ManifestFileError:

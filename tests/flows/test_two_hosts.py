@@ -49,9 +49,12 @@ class Host:
     def logs(self) -> Path:
         return self.root / "logs"
 
-    def submitted_shards(self) -> list[str]:
+    def completed_shards(self) -> set[str]:
+        """The shard runs this host's GPU worker ran to completion (their own log lines, which the
+        process worker copies into its log; a worker that lost the race for a run logs none)."""
         log = (self.logs / f"{self.name}-gpu-0.log").read_text(errors="replace")
-        return [line.rsplit("'", 2)[-2] for line in log.splitlines() if "submitting flow run" in line]
+        return {line.split("Flow run '", 1)[1].split("'", 1)[0] for line in log.splitlines()
+                if "Flow run 'shard-" in line and "Finished in state Completed()" in line}
 
 
 @dataclass
@@ -172,6 +175,16 @@ def _put_manifest(stack: TwoHosts, key: str, rows: int) -> str:
     return f"s3://{stack.bucket}/{key}"
 
 
+def test_each_hosts_processes_cannot_see_the_other_hosts_folders(two_hosts):
+    """The isolation the other tests rely on, seen through each worker's own mount namespace."""
+    a, b = two_hosts.hosts
+    for host, other in ((a, b), (b, a)):
+        pid = int((host.logs / "workers.pids").read_text().split()[0])
+        mine = Path(f"/proc/{pid}/root") / host.env["TURBO_BATCH_HOME"].lstrip("/") / "pyproject.toml"
+        theirs = Path(f"/proc/{pid}/root") / other.env["TURBO_BATCH_HOME"].lstrip("/") / "pyproject.toml"
+        assert mine.is_file() and not theirs.exists()
+
+
 def test_a_batch_over_two_hosts_with_no_shared_disk_runs_each_row_once(two_hosts, tmp_path):
     stack = two_hosts
     manifest = _put_manifest(stack, "manifests/eight.csv", 8)
@@ -189,12 +202,13 @@ def test_a_batch_over_two_hosts_with_no_shared_disk_runs_each_row_once(two_hosts
         Bucket=stack.bucket, Prefix="videos/") for o in page.get("Contents", []))
     mp4s = [k for k in keys if k.endswith(".mp4")]
     assert len(mp4s) == 8
-    # Both hosts ran shards (each gpu worker's own log says which flow runs it submitted).
-    ran = {h.name: h.submitted_shards() for h in stack.hosts}
-    assert all(ran.values()), ran
-    assert len(ran["host-a"]) + len(ran["host-b"]) == 4
+    # Both hosts ran shards, each its own (the shard runs' lines in each GPU worker's log).
+    ran = {h.name: h.completed_shards() for h in stack.hosts}
+    assert all(ran.values()) and not ran["host-a"] & ran["host-b"], ran
+    assert ran["host-a"] | ran["host-b"] == {f"shard-{i}-a1" for i in range(4)}, ran
     # The shards' results went to the S3 block, never to a host's local results folder.
-    assert not any((h.root / "results").iterdir() for h in stack.hosts)
+    local_results = [p for h in stack.hosts for p in (h.root / "results").rglob("*")]
+    assert not local_results, local_results
     results = [o["Key"] for o in client.list_objects_v2(Bucket=stack.bucket, Prefix="prefect-results/")
                .get("Contents", [])]
     assert results
@@ -204,7 +218,7 @@ def test_a_local_manifest_on_a_pool_of_two_hosts_is_refused_before_any_shard(two
     stack = two_hosts
     local = stack.hosts[0].root / "tmp" / "local.csv"
     local.write_text("id,mode,prompt,model\nx,t2v,a local row,tiny-t2v\n")
-    before = sum(len(h.submitted_shards()) for h in stack.hosts)
+    before = [h.completed_shards() for h in stack.hosts]
     out = stack.prefect("deployment", "run", "batch/batch", "--param", f"manifest={local}",
                         "--param", f"sink=s3://{stack.bucket}/refused", "--watch", "--watch-timeout", "300",
                         check=False)
@@ -216,4 +230,4 @@ def test_a_local_manifest_on_a_pool_of_two_hosts_is_refused_before_any_shard(two
     assert len(runs) == 1 and runs[0].state_type.value == "FAILED"
     message = runs[0].state.message or ""
     assert "2 hosts (host-a, host-b)" in message and "is a local path" in message, message
-    assert sum(len(h.submitted_shards()) for h in stack.hosts) == before
+    assert [h.completed_shards() for h in stack.hosts] == before          # no shard started

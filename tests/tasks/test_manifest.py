@@ -537,3 +537,20 @@ def test_num_samples_suffix_must_keep_the_id_safe(tmp_path: Path) -> None:
     [error] = manifest.errors
     assert (error.row, error.column) == (1, "num_samples") and "-s1 suffix" in error.reason
     assert [r.row for r in manifest.rows] == [2]
+
+
+def test_an_s3_manifest_behind_tls_with_its_own_ca_is_read_with_the_sinks_client(tmp_path: Path) -> None:
+    """polars' object_store takes no CA file; with R2_CA_BUNDLE the manifest comes through boto3."""
+    from tests.s3server import run_s3_server
+    with run_s3_server(tmp_path / "s3") as s3:
+        bucket = s3.create_bucket()
+        s3.client().put_object(Bucket=bucket, Key="m/a.csv",
+                               Body=b"id,mode,prompt,model\none,t2v,a quiet lake,tiny-t2v\n")
+        env = {"R2_ENDPOINT_URL": s3.endpoint_url, "R2_ACCESS_KEY_ID": s3.access_key_id,
+               "R2_SECRET_ACCESS_KEY": s3.secret_access_key, "R2_CA_BUNDLE": str(s3.ca_path)}
+        m = read_manifest(f"s3://{bucket}/m/a.csv", env=env)
+        assert [r.id for r in m.rows] == ["one"] and not m.errors
+        with pytest.raises(ManifestFileError, match="not found"):
+            read_manifest(f"s3://{bucket}/m/missing.csv", env=env)
+        with pytest.raises(ManifestFileError, match="cannot be read"):
+            read_manifest(f"s3://{bucket}/m/a.csv", env={**env, "R2_SECRET_ACCESS_KEY": "wrong"})
