@@ -24,3 +24,7 @@ fi
 if [[ -n "${GPU_POOL_LIMIT:-}" ]]; then
     prefect work-pool set-concurrency-limit gpu "$GPU_POOL_LIMIT"
 fi
+
+# Runs whose host died stay Running unless their missing heartbeats mark them Crashed (the batch
+# then resubmits the shard): an automation on the server, created or updated here.
+python3 "$(dirname "${BASH_SOURCE[0]}")/create-zombie-automation.py"

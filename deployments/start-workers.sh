@@ -37,6 +37,9 @@ RUN_DIR="${RUN_DIR:-${TMPDIR:-/tmp}/turbo-batch-${UID:-0}}"
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${HOME:-/tmp}/.cache/turbo-batch/$HOST/inductor}"
 export TURBO_EMBED_CACHE="${TURBO_EMBED_CACHE:-${HOME:-/tmp}/.cache/turbo-batch/$HOST/text}"
 PYTHON="${PYTHON:-python3}"
+# Flow runs send heartbeats (Prefect's minimum, 30 s): the zombie automation of create-pools.sh
+# marks a run whose host died Crashed once they stop, and the batch resubmits it.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
 mkdir -p "$LOG_DIR" "$RUN_DIR"
 LOG_DIR="$(cd "$LOG_DIR" && pwd)"   # absolute: the script changes into the checkout below
 

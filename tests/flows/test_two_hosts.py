@@ -121,7 +121,8 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
                 hosts.append(Host(name, home, env))
             stack = TwoHosts(api_url, s3, bucket, hosts)
             a = hosts[0]
-            deploy_env = {k: v for k, v in a.env.items() if k != "TURBO_BATCH_HOME"}
+            # ZOMBIE_AFTER_S: the automation's window, short here (heartbeats come every 30 s)
+            deploy_env = {**{k: v for k, v in a.env.items() if k != "TURBO_BATCH_HOME"}, "ZOMBIE_AFTER_S": "45"}
             for command in (["bash", "deployments/create-pools.sh"], ["prefect", "deploy", "--all", "--no-prompt"],
                             ["python", "deployments/create-result-storage.py", f"s3://{bucket}/prefect-results",
                              "--name", RESULTS_BLOCK, "--region", "us-east-1"]):
@@ -231,3 +232,83 @@ def test_a_local_manifest_on_a_pool_of_two_hosts_is_refused_before_any_shard(two
     message = runs[0].state.message or ""
     assert "2 hosts (host-a, host-b)" in message and "is a local path" in message, message
     assert [h.completed_shards() for h in stack.hosts] == before          # no shard started
+
+
+def _processes_of(host: Host) -> list[int]:
+    """Every process of one simulated host: its environment names that host's checkout."""
+    mark = f"TURBO_BATCH_HOME={host.env['TURBO_BATCH_HOME']}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+# Last in the module: host B does not come back.
+def test_a_host_that_dies_mid_batch_has_its_shard_redone_on_the_other_host(two_hosts):
+    """SIGKILL of every process of host B (its workers, its shard, its engine service) while it runs a
+    shard: the missing heartbeats mark that run Crashed (deployments/create-zombie-automation.py), the
+    batch resubmits it, host A runs it, and no output is uploaded twice."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    stack = two_hosts
+    a, b = stack.hosts
+    client = stack.s3.client()
+    bucket = stack.s3.create_bucket()
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["id", "mode", "prompt", "model", "num_frames", "num_steps", "seed"])
+    for i in range(8):
+        w.writerow([f"die-{i}", "t2v", f"a host dies {i}", "tiny-t2v", 17, 2, 70 + i])
+    client.put_object(Bucket=bucket, Key="m.csv", Body=text.getvalue().encode())
+    sink = f"s3://{bucket}/videos"
+    run = subprocess.Popen(["prefect", "deployment", "run", "batch/batch", "--param", f"manifest=s3://{bucket}/m.csv",
+                            "--param", f"sink={sink}", "--param", "max_rows_per_shard=4", "--param", "gpus=2",
+                            "--watch", "--watch-timeout", "700"],
+                           env=a.env, cwd=a.env["TURBO_BATCH_HOME"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+
+    def running_on_b():
+        with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as api:
+            runs = [r for r in api.read_flow_runs() if (r.parameters or {}).get("sink") == sink
+                    and r.name.startswith("shard-") and r.state_type.value == "RUNNING" and r.infrastructure_pid]
+        # Running for a few seconds: its process has sent its first heartbeat (the automation tracks a
+        # run from its first heartbeat on; a host that dies before that is the documented gap).
+        now = time.time()
+        return [r for r in runs if int(r.infrastructure_pid) in _processes_of(b)
+                and r.start_time is not None and now - r.start_time.timestamp() > 5]
+
+    try:
+        deadline = time.monotonic() + 240
+        while not (victims := running_on_b()):
+            assert time.monotonic() < deadline and run.poll() is None, "host B never ran a shard"
+            time.sleep(0.2)
+        for pid in _processes_of(b):
+            os.kill(pid, signal.SIGKILL)
+        out, _ = run.communicate(timeout=800)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out[-4000:] + stack.logs()
+    killed = victims[0].name                                   # shard-K-a1
+    with temporary_settings({PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as api:
+        runs = {r.name: r for r in api.read_flow_runs() if (r.parameters or {}).get("sink") == sink}
+    assert runs[killed].state_type.value == "CRASHED"
+    again = killed.replace("-a1", "-a2")
+    assert runs[again].state_type.value == "COMPLETED" and again in a.completed_shards()
+
+    from tests.shards import latest_metrics
+    df = latest_metrics(sink, client=client)
+    assert sorted(df["id"].to_list()) == [f"die-{i}" for i in range(8)]
+    assert set(df["status"].to_list()) <= {"succeeded", "skipped"}, df.select("id", "status", "error")
+    versions: Counter = Counter()
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix="videos/"):
+        for v in page.get("Versions", []):
+            versions[v["Key"]] += 1
+    outputs = {k: n for k, n in versions.items() if not k.startswith("videos/runs/")}
+    assert len([k for k in outputs if k.endswith(".mp4")]) == 8 and set(outputs.values()) == {1}, outputs
