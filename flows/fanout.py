@@ -124,15 +124,9 @@ def worker_host(name: str) -> str:
 
 def live_worker_hosts(deployment: str) -> list[str]:
     """The hosts with a live worker on the deployment's pool ([] when the API cannot tell)."""
-    async def hosts() -> list[str]:
-        from prefect.client.orchestration import get_client
-        async with get_client() as client:
-            dep = await client.read_deployment_by_name(deployment)
-            if dep.work_pool_name is None:
-                return []
-            return sorted({worker_host(w.name) for w in await _live_workers(client, dep.work_pool_name)})
     try:
-        return list(_run_coro(hosts()))
+        _, workers = _run_coro(_live_pool_workers(deployment))
+        return sorted({worker_host(w.name) for w in workers})
     except Exception as e:
         log.warning("could not list the hosts of %s's pool: %s", deployment, e)
         return []
@@ -163,14 +157,20 @@ def heartbeat_is_recent(last: datetime | None, interval_s: int | None, now: date
     return (now - last).total_seconds() <= HEARTBEAT_MULTIPLE * (interval_s or DEFAULT_HEARTBEAT_S)
 
 
-async def _live_worker_count(deployment: str) -> tuple[str | None, int]:
+async def _live_pool_workers(deployment: str) -> tuple[str | None, list[Any]]:
+    """The deployment's work pool and its live workers (None, [] without a pool)."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         dep = await client.read_deployment_by_name(deployment)
         if dep.work_pool_name is None:
-            return None, 0
-        return dep.work_pool_name, len(await _live_workers(client, dep.work_pool_name))
+            return None, []
+        return dep.work_pool_name, await _live_workers(client, dep.work_pool_name)
+
+
+async def _live_worker_count(deployment: str) -> tuple[str | None, int]:
+    pool, workers = await _live_pool_workers(deployment)
+    return pool, len(workers)
 
 
 async def _live_workers(client: Any, pool: str) -> list[Any]:

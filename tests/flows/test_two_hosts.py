@@ -166,14 +166,16 @@ def _wait_online(stack: TwoHosts, names: set[str], timeout: float = 180) -> None
     raise RuntimeError(f"workers {names} not online after {timeout} s\n{stack.logs()}")
 
 
-def _put_manifest(stack: TwoHosts, key: str, rows: int) -> str:
+def _put_manifest(stack: TwoHosts, key: str, rows: int, *, tag: str = "two", frames: int = 5, seed: int = 40,
+                  bucket: str | None = None) -> str:
+    bucket = bucket or stack.bucket
     text = io.StringIO()
     w = csv.writer(text)
     w.writerow(["id", "mode", "prompt", "model", "num_frames", "num_steps", "seed"])
     for i in range(rows):
-        w.writerow([f"two-{i}", "t2v", f"two hosts clip {i}", "tiny-t2v", 5, 2, 40 + i])
-    stack.s3.client().put_object(Bucket=stack.bucket, Key=key, Body=text.getvalue().encode())
-    return f"s3://{stack.bucket}/{key}"
+        w.writerow([f"{tag}-{i}", "t2v", f"{tag} clip {i}", "tiny-t2v", frames, 2, seed + i])
+    stack.s3.client().put_object(Bucket=bucket, Key=key, Body=text.getvalue().encode())
+    return f"s3://{bucket}/{key}"
 
 
 def test_each_hosts_processes_cannot_see_the_other_hosts_folders(two_hosts):
@@ -260,14 +262,9 @@ def test_a_host_that_dies_mid_batch_has_its_shard_redone_on_the_other_host(two_h
     client = stack.s3.client()
     bucket = stack.s3.create_bucket()
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    text = io.StringIO()
-    w = csv.writer(text)
-    w.writerow(["id", "mode", "prompt", "model", "num_frames", "num_steps", "seed"])
-    for i in range(8):
-        w.writerow([f"die-{i}", "t2v", f"a host dies {i}", "tiny-t2v", 17, 2, 70 + i])
-    client.put_object(Bucket=bucket, Key="m.csv", Body=text.getvalue().encode())
+    manifest = _put_manifest(stack, "m.csv", 8, tag="die", frames=17, seed=70, bucket=bucket)
     sink = f"s3://{bucket}/videos"
-    run = subprocess.Popen(["prefect", "deployment", "run", "batch/batch", "--param", f"manifest=s3://{bucket}/m.csv",
+    run = subprocess.Popen(["prefect", "deployment", "run", "batch/batch", "--param", f"manifest={manifest}",
                             "--param", f"sink={sink}", "--param", "max_rows_per_shard=4", "--param", "gpus=2",
                             "--watch", "--watch-timeout", "700"],
                            env=a.env, cwd=a.env["TURBO_BATCH_HOME"], stdout=subprocess.PIPE,
@@ -306,9 +303,6 @@ def test_a_host_that_dies_mid_batch_has_its_shard_redone_on_the_other_host(two_h
     df = latest_metrics(sink, client=client)
     assert sorted(df["id"].to_list()) == [f"die-{i}" for i in range(8)]
     assert set(df["status"].to_list()) <= {"succeeded", "skipped"}, df.select("id", "status", "error")
-    versions: Counter = Counter()
-    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix="videos/"):
-        for v in page.get("Versions", []):
-            versions[v["Key"]] += 1
-    outputs = {k: n for k, n in versions.items() if not k.startswith("videos/runs/")}
+    from tests.flows.test_deployments import versions_per_key
+    outputs = {k: n for k, n in versions_per_key(stack, bucket, "videos/").items() if not k.startswith("videos/runs/")}
     assert len([k for k in outputs if k.endswith(".mp4")]) == 8 and set(outputs.values()) == {1}, outputs
