@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Start the Prefect process workers of one host and wait on them:
 #   - one worker per GPU on the `gpu` pool, pinned by CUDA_VISIBLE_DEVICES in its own environment
-#     (never in job_variables: a deployment's env would override the worker's), --limit 1;
+#     (never in job_variables: a deployment's env would override the worker's);
 #   - beside each, pinned to the same GPU, that GPU's engine service (service/server.py under
 #     service/supervise.py, which restarts it when it dies): it keeps the models warm across shards
 #     and batches, and the worker's shards reach it through TURBO_ENGINE_SOCKET (ENGINE_SERVICE=0:
 #     no services, each shard loads its own models); ENGINE_RANDOM_WEIGHTS=1 for benchmarks;
+#   - with services, each GPU worker runs SHARDS_PER_GPU (default 2) shards at once: their rows
+#     queue at the service's GPU lock, so one shard's Prefect work between rows (fetch, the skip
+#     check, the next shard's process start) overlaps the other's GPU work. The batch flow plans
+#     that many shards per GPU (TURBO_SHARDS_PER_GPU, exported to the cpu worker). Without
+#     services, --limit 1: a second shard would load a second copy of the model;
 #   - one worker on the `cpu` pool for the batch and nightly flows (CPU_WORKER=0 to skip).
 # GPUs: GPUS=N overrides the count; otherwise `nvidia-smi -L`; GPUS=2 on a machine without CUDA
 # gives two CPU "GPU" workers (tests, the tiny preset). With no GPU found and GPUS unset the script
@@ -30,6 +35,13 @@ GPU_POOL="${GPU_POOL:-gpu}"
 CPU_POOL="${CPU_POOL:-cpu}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 ENGINE_SERVICE="${ENGINE_SERVICE:-1}"
+SHARDS_PER_GPU="${SHARDS_PER_GPU:-2}"
+if [[ ! "$SHARDS_PER_GPU" =~ ^[1-9][0-9]*$ ]]; then
+    echo "start-workers: SHARDS_PER_GPU=$SHARDS_PER_GPU: expected a number of shards, 1 or more" >&2
+    exit 1
+fi
+[[ "$ENGINE_SERVICE" == 0 ]] && SHARDS_PER_GPU=1
+export TURBO_SHARDS_PER_GPU="$SHARDS_PER_GPU"
 # Host-local by design, and named per host (a home folder shared over NFS stays safe): the
 # services' sockets, inductor's compile cache (a restarted service compiles from it) and the
 # text-embedding cache. A Unix socket path must stay under 108 bytes, hence a short default.
@@ -95,7 +107,8 @@ for ((i = 0; i < n_gpus; i++)); do
         [[ "${ENGINE_RANDOM_WEIGHTS:-0}" == 1 ]] && service_args+=(--random-weights)
         launch "$HOST-engine-$i" "CUDA_VISIBLE_DEVICES=$i" -- \
             "$PYTHON" -m service.supervise --socket "$socket" --stop-timeout "$STOP_TIMEOUT" -- "${service_args[@]}"
-        start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" "TURBO_ENGINE_SOCKET=$socket" -- --pool "$GPU_POOL" --limit 1
+        start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" "TURBO_ENGINE_SOCKET=$socket" -- --pool "$GPU_POOL" \
+            --limit "$SHARDS_PER_GPU"
     else
         start "$HOST-gpu-$i" "CUDA_VISIBLE_DEVICES=$i" "TURBO_ENGINE_SOCKET=" -- --pool "$GPU_POOL" --limit 1
     fi

@@ -52,6 +52,7 @@ def batch_flow(
     shard_deployment: str = "gpu-shard/gpu-shard",
     max_rows_per_shard: int = 25,
     gpus: int | None = None,
+    shards_per_gpu: int | None = None,
     max_shard_attempts: int = 3,
     checkpoints_dir: str | None = None,
     random_weights: bool = False,
@@ -76,11 +77,14 @@ def batch_flow(
         pickup_timeout_s = fanout.pickup_timeout_from_env(os.environ)
         live_workers = fanout.require_live_workers(shard_deployment)
         n_gpus = gpus if gpus is not None else live_workers
+        per_gpu = shards_per_gpu if shards_per_gpu is not None else fanout.shards_per_gpu_from_env(os.environ)
     elif gpus is not None:
-        n_gpus = gpus
+        n_gpus, per_gpu = gpus, 1
     else:
-        n_gpus = fanout.local_gpu_count()
-    shards = plan_shards(m.rows, gpus=max(n_gpus, 1), max_rows=max_rows_per_shard)
+        n_gpus, per_gpu = fanout.local_gpu_count(), 1
+    # Deployed shards on engine services: per_gpu shards per GPU at once, their rows interleaved
+    # at the service (start-workers.sh); local shards run one per GPU.
+    shards = plan_shards(m.rows, gpus=max(n_gpus, 1) * per_gpu, max_rows=max_rows_per_shard)
     log.info("%d valid rows, %d invalid, %d shards", len(m.rows), len(m.errors), len(shards))
     out = sink_from_uri(sink)
     if pose_ahead:

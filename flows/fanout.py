@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CREATE_CONCURRENCY = 4
 PICKUP_TIMEOUT_ENV = "TURBO_SHARD_PICKUP_TIMEOUT"
 DEFAULT_PICKUP_TIMEOUT_S = 600.0
+SHARDS_PER_GPU_ENV = "TURBO_SHARDS_PER_GPU"
 WAITING_LOG_S = 60.0       # a line about shards still waiting for a worker, at most this often
 # How Prefect 3.9.1's server tells a live worker (server/schemas/responses.py, services/foreman.py):
 # its last heartbeat is at most 3 of its heartbeat intervals old (30 s if it sent no interval).
@@ -86,6 +87,18 @@ def pickup_timeout_from_env(env: Mapping[str, str]) -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"{PICKUP_TIMEOUT_ENV}={raw!r}: expected a number of seconds above 0")
     return seconds
+
+
+def shards_per_gpu_from_env(env: Mapping[str, str]) -> int:
+    """TURBO_SHARDS_PER_GPU: shards each GPU worker runs at once (start-workers.sh exports its
+    SHARDS_PER_GPU: 2 with engine services, whose GPU lock queues their rows; 1 without). The batch
+    plans at least that many shards per live worker; unset: 1."""
+    raw = (env.get(SHARDS_PER_GPU_ENV) or "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{SHARDS_PER_GPU_ENV}={raw!r}: expected a whole number of shards, 1 or more")
+    return int(raw)
 
 
 def pool_worker_count(deployment: str) -> int:

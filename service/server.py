@@ -29,11 +29,13 @@ environment once, here, like every edge. uvicorn and FastAPI ship with Prefect.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from engine.requests import REQUEST_TYPES, GenerationRequest
 from engine.settings import EngineSettings
 from tasks.generated import gpu_label, save_generation
 
-__all__ = ["EngineService", "create_app", "main"]
+__all__ = ["EngineService", "create_app", "main", "service_settings"]
 
 log = logging.getLogger("turbo-batch.engine-service")
 
@@ -60,6 +62,9 @@ class EngineService:
         self.gpu_lock = threading.Lock()        # one row at a time on this GPU
         self.busy = False
         self.rows_done = 0
+        self.busy_s = 0.0                       # seconds of GPU work (under the lock), for busy fractions
+        self.last_work_start: float | None = None   # epoch seconds of the latest GPU work
+        self.last_work_end: float | None = None
         self.started = time.time()
         self._specs: dict[tuple, LoadSpec] = {}
         self._pending: dict[str, tuple[LoadSpec, object]] = {}
@@ -94,13 +99,14 @@ class EngineService:
         t0 = time.perf_counter()
         with self.gpu_lock:
             waited = time.perf_counter() - t0
-            self.busy = True
+            self.busy, self.last_work_start = True, time.time()
+            t1 = time.perf_counter()
             try:
-                t1 = time.perf_counter()
                 value = work()
                 return value, waited, time.perf_counter() - t1
             finally:
-                self.busy = False
+                self.busy_s += time.perf_counter() - t1
+                self.busy, self.last_work_end = False, time.time()
 
     def generate(self, body: dict[str, Any]) -> dict[str, Any]:
         spec, request = self.spec(body["spec"]), self.request(body)
@@ -154,6 +160,8 @@ class EngineService:
         return {"status": "ok", "pid": os.getpid(), "device": str(dev), "gpu": gpu_label(),
                 "loaded": [str(k[0]) for k in self.engine.cache.keys()],   # type: ignore[index]
                 "model_loads": self.engine.cache.loads, "rows_done": self.rows_done, "busy": self.busy,
+                "busy_s": round(self.busy_s, 3), "last_work_start": self.last_work_start,
+                "last_work_end": self.last_work_end,
                 "vram_allocated_gb": round(torch.cuda.memory_allocated(dev) / 1e9, 2) if cuda else 0.0,
                 "vram_reserved_gb": round(torch.cuda.memory_reserved(dev) / 1e9, 2) if cuda else 0.0,
                 "vram_budget_gb": round(budget / 1e9, 2) if budget else None,
@@ -204,6 +212,17 @@ def create_app(service: EngineService) -> FastAPI:
     return app
 
 
+def service_settings(env: Mapping[str, str], checkpoints_dir: str | None) -> EngineSettings:
+    """The engine settings of a service. It outlives its shards, so the rows of its whole life pay
+    for compiling: under TURBO_COMPILE=auto it compiles on its first row (a shard's own row count,
+    at most max_rows_per_shard, would never reach the threshold). TURBO_COMPILE_MIN_ROWS, when
+    set, and TURBO_COMPILE=0 still rule."""
+    settings = EngineSettings.from_env(env, checkpoints_dir=checkpoints_dir)
+    if settings.compile_min_rows is None:
+        settings = dataclasses.replace(settings, compile_min_rows=1)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
     ap = argparse.ArgumentParser(description="turbo-batch engine service: one per GPU, rows over a Unix socket")
@@ -214,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from prompts.embedding_cache import EmbeddingCache
-    settings = EngineSettings.from_env(os.environ, checkpoints_dir=args.checkpoints_dir)
+    settings = service_settings(os.environ, args.checkpoints_dir)
     engine = Engine(settings, embedding_cache=EmbeddingCache(settings.embed_cache_dir),
                     random_weights=args.random_weights)
     service = EngineService(engine, checkpoints_dir=str(settings.checkpoints_dir) if settings.checkpoints_dir else None,

@@ -59,6 +59,44 @@ def test_rows_run_warm_and_frames_come_back_through_the_work_folder(service, tmp
     health = client.health()
     assert health["pid"] == first_pid and health["loaded"] == ["tiny-t2v"] and health["model_loads"] == 1
     assert health["rows_done"] == 2 and health["busy"] is False
+    assert 0 < health["busy_s"] <= health["uptime_s"]
+    assert health["last_work_start"] <= health["last_work_end"] <= time.time()
+
+
+def test_two_shards_rows_at_once_queue_for_the_gpu_one_at_a_time(service, tmp_path):
+    """Two shards per GPU (start-workers.sh) send rows at the same time: the service runs them one
+    after the other, the second's wait is its queue time, and the busy seconds add up."""
+    from concurrent.futures import ThreadPoolExecutor
+    client, _, _ = service
+    spec = client.load_spec("tiny-t2v")
+    client.generate(spec, ROW, tmp_path / "warm")
+    before = client.health()["busy_s"]
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda name: client.generate(spec, ROW, tmp_path / name), ["a", "b"])
+    first, second = sorted((a, b), key=lambda r: r.queue_wait_s)
+    assert second.queue_wait_s >= 0.5 * first.service_s     # it waited for the other row's GPU work
+    busy = client.health()["busy_s"] - before
+    assert busy == pytest.approx(a.service_s + b.service_s, rel=0.05, abs=0.05)
+
+
+def test_a_service_compiles_for_its_lifetime_not_for_one_shard():
+    """A shard sends at most max_rows_per_shard as its expected rows; a service compiles on the
+    first row whatever the shard's size, unless the host's settings say otherwise."""
+    from engine.wan_pipeline import WanPipelineBase
+    from service.server import service_settings
+    assert service_settings({}, None).compile_min_rows == 1
+    assert service_settings({"TURBO_COMPILE_MIN_ROWS": "50"}, None).compile_min_rows == 50
+    assert service_settings({"TURBO_COMPILE": "0"}, None).compile == "0"
+
+    class OnCuda(WanPipelineBase):      # the decision alone: no model, a CUDA device
+        def __init__(self, settings):
+            self.settings, self.compiled = settings, False
+            self.device = type("Device", (), {"type": "cuda"})()
+            self.config = type("Config", (), {"param_billions": 1.3})()
+    assert OnCuda(service_settings({}, None)).wants_compile(expected_rows=25)
+    assert not OnCuda(service_settings({"TURBO_COMPILE": "0"}, None)).wants_compile(expected_rows=25)
+    from engine.settings import EngineSettings
+    assert not OnCuda(EngineSettings.from_env({})).wants_compile(expected_rows=25)   # in a shard: 30 rows
 
 
 def test_refusals_name_the_engine_error_and_are_not_transient(service, tmp_path):

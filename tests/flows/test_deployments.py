@@ -103,8 +103,9 @@ def test_batch_deployment_fans_out_to_both_gpu_workers_and_uploads_once(prefect_
     assert set(df["gpu"].to_list()) == {"cpu (CUDA_VISIBLE_DEVICES=0)", "cpu (CUDA_VISIBLE_DEVICES=1)"}
 
     shards = flow_runs(stack, "gpu-shard", sink)
-    assert len(shards) == 3 and all(r.state_type.value == "COMPLETED" for r in shards)
-    assert sorted(len(r.parameters["rows"]) for r in shards) == [2, 2, 2]
+    # Two shards per GPU on engine services (start-workers.sh): 4 shards for 2 workers, ≤ 2 rows each.
+    assert len(shards) == 4 and all(r.state_type.value == "COMPLETED" for r in shards)
+    assert sorted(len(r.parameters["rows"]) for r in shards) == [1, 1, 2, 2]
     assert all(r.work_queue_name == "default" and r.work_pool_name == "gpu" for r in shards)
     assert all(r.parent_task_run_id is not None for r in shards)   # subflows of the batch run
 
@@ -256,7 +257,7 @@ def test_sigkilled_shard_is_resubmitted_and_finished_rows_are_not_uploaded_again
     batch = subprocess.Popen(
         ["prefect", "deployment", "run", "batch/batch", "--param", f"manifest={manifest}",
          "--param", f"sink={sink}", "--param", "gpus=1", "--param", "max_rows_per_shard=3",
-         "--watch", "--watch-timeout", "300"],
+         "--param", "shards_per_gpu=1", "--watch", "--watch-timeout", "300"],
         env=stack.env, cwd=stack.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         shard = _wait_for(lambda: [r for r in flow_runs(stack, "gpu-shard", sink)
@@ -455,6 +456,40 @@ def test_start_workers_without_a_gpu_says_so(tmp_path, nvidia_smi):
     out = run(GPUS="0", CPU_WORKER="1")     # the explicit cpu-only batch host starts its cpu worker
     assert started.read_text().split("\n")[0].startswith("worker start --type process --name t-cpu --pool cpu")
     assert "no GPU found" not in out.stderr
+
+
+@pytest.mark.parametrize("engine_service", ["1", "0"])
+def test_start_workers_runs_two_shards_per_gpu_only_on_engine_services(tmp_path, engine_service):
+    """With services a GPU worker takes SHARDS_PER_GPU shards at once (their rows queue at the
+    service) and the cpu worker's batches plan for it; without, one (a second shard would load a
+    second model). A fake prefect records each worker's arguments and setting, then exits, which
+    stops the set."""
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("env", "dirname", "mkdir", "true", "sleep", "grep", "kill"):
+        found = subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        if found.startswith("/"):
+            (bin_dir / tool).symlink_to(found)
+    started = tmp_path / "started"
+    (bin_dir / "prefect").write_text(f'#!/bin/sh\necho "$* shards=$TURBO_SHARDS_PER_GPU" >> {started}\nsleep 1\n')
+    (bin_dir / "fake-python").write_text("#!/bin/sh\nexec sleep 30\n")     # the engine service
+    for name in ("prefect", "fake-python"):
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": str(bin_dir), "PREFECT_API_URL": "http://127.0.0.1:9/api", "LOG_DIR": str(tmp_path / "logs"),
+           "WORKER_HOST": "t", "GPUS": "1", "ENGINE_SERVICE": engine_service, "PYTHON": str(bin_dir / "fake-python"),
+           "RUN_DIR": str(tmp_path / "run"), "STOP_TIMEOUT": "2"}
+    subprocess.run(["/bin/bash", str(REPO_ROOT / "deployments/start-workers.sh")], capture_output=True, text=True,
+                   timeout=60, env=env)
+    lines = started.read_text().splitlines()
+    (gpu,) = [line for line in lines if "--name t-gpu-0" in line]
+    (cpu,) = [line for line in lines if "--name t-cpu" in line]
+    want = "2" if engine_service == "1" else "1"
+    assert gpu.endswith(f"--limit {want} shards={want}"), gpu
+    assert cpu.endswith(f"shards={want}"), cpu
+    bad = subprocess.run(["/bin/bash", str(REPO_ROOT / "deployments/start-workers.sh")], capture_output=True,
+                         text=True, timeout=30, env={**env, "SHARDS_PER_GPU": "0"})
+    assert bad.returncode == 1 and "SHARDS_PER_GPU=0: expected a number of shards" in bad.stderr
 
 
 def test_host_settings_and_worker_logs_are_not_committed():

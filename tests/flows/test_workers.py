@@ -311,6 +311,14 @@ def test_pickup_timeout_setting():
             fanout.pickup_timeout_from_env({"TURBO_SHARD_PICKUP_TIMEOUT": bad})
 
 
+def test_shards_per_gpu_setting():
+    assert fanout.shards_per_gpu_from_env({}) == 1
+    assert fanout.shards_per_gpu_from_env({"TURBO_SHARDS_PER_GPU": " 2 "}) == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match=f"TURBO_SHARDS_PER_GPU='{bad}': expected a whole number"):
+            fanout.shards_per_gpu_from_env({"TURBO_SHARDS_PER_GPU": bad})
+
+
 def test_heartbeat_rule_is_three_intervals():
     from datetime import UTC, datetime, timedelta
 
