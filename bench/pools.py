@@ -198,7 +198,7 @@ def measure(env: dict[str, str], root: Path, gpus: int, rows: int, args: argpars
             "last_gpu_work_end_s": last_end,
             "last_shard_done_s": at(max(r.end_time.timestamp() for r in shards if r.end_time)) if shards else None,
             "batch_done_s": round(wall, 2)}
-    return {"gpus": gpus, "rows": df.height, "shards": len(shards), "wall_s": round(wall, 2),
+    result = {"gpus": gpus, "rows": df.height, "shards": len(shards), "wall_s": round(wall, 2),
             "cli_wall_s": round(cli_wall, 2),
             "items_per_hour": round(3600 * df.height / wall, 1),
             "busy_fraction": {g: v["busy_fraction"] for g, v in per_gpu.items()},
@@ -207,6 +207,13 @@ def measure(env: dict[str, str], root: Path, gpus: int, rows: int, args: argpars
             "model_load_s": round(float(df["model_load_s"].fill_null(0).sum()), 2),
             "queue_wait_s": round(float(df["queue_wait_s"].fill_null(0).sum()), 2),
             "per_gpu": per_gpu, "timeline": line}
+    print(f"batch {tag}: {json.dumps(result)}", flush=True)
+    if args.out:                      # what is done so far survives a run cut short
+        partial = Path(args.out) / "pools.partial.json"
+        done = json.loads(partial.read_text()) if partial.exists() else {}
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({**done, tag: result}, indent=1))
+    return result
 
 
 class Pool:
@@ -269,6 +276,8 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"bench/pools.py needs {tool} on PATH")
 
+    if args.out:
+        (Path(args.out) / "pools.partial.json").unlink(missing_ok=True)
     root = Path(tempfile.mkdtemp(prefix="turbo-pools-"))
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CUDA_VISIBLE"))}
