@@ -4,7 +4,9 @@ A shard is one flow run on one GPU with one warm model, so rows are grouped by w
 loaded weights (the model and its int8 file choice). Attention backend and SLA top-k are applied
 per request on the loaded model, so rows that differ only in them share a shard. Within a group, rows are
 dealt into shards by estimated cost, largest first onto the cheapest shard (LPT), with at most
-`max_rows` rows per shard and at least enough shards to keep `gpus` busy.
+`max_rows` rows per shard and at least enough shards to keep `gpus` busy. `gpus` counts shard
+slots (GPUs × shards each runs at once); past one wave the count is rounded up to whole waves, so
+201 rows on 8 slots make 16 shards of 12–13 rows, not 8 of 25 and a ninth that runs alone.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def plan_shards(rows: Sequence[R], *, gpus: int = 1, max_rows: int = 25,
     for k, group in groups.items():
         # Enough shards for the row cap, and a share of the GPUs proportional to the group's size.
         n = max(math.ceil(len(group) / max_rows), min(len(group), round(gpus * len(group) / total) or 1))
+        if n > gpus:   # whole waves: every GPU gets as many shards, so none idles while the last one runs
+            n = min(len(group), math.ceil(n / gpus) * gpus)
         mine = [Shard[R](index=0, model_key=k) for _ in range(n)]
         heap = [(0.0, i) for i in range(n)]
         costs = {id(r): cost(r) for r in group}
