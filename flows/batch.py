@@ -75,6 +75,7 @@ def batch_flow(
 
     if launch == "deployments":   # one live worker per GPU on the shard deployment's pool; none: fail now
         pickup_timeout_s = fanout.pickup_timeout_from_env(os.environ)
+        start_timeout_s = fanout.start_timeout_from_env(os.environ)
         live_workers = fanout.require_live_workers(shard_deployment)
         n_gpus = gpus if gpus is not None else live_workers
         per_gpu = shards_per_gpu if shards_per_gpu is not None else fanout.shards_per_gpu_from_env(os.environ)
@@ -103,7 +104,7 @@ def batch_flow(
                                        engine=new_engine(checkpoints_dir, random_weights) if n_gpus <= 1 else None)
     elif launch == "deployments":
         results = fanout.run_deployments(shard_deployment, specs, common, max_attempts=max_shard_attempts,
-                                         pickup_timeout_s=pickup_timeout_s)
+                                         pickup_timeout_s=pickup_timeout_s, start_timeout_s=start_timeout_s)
     else:
         raise ValueError(f"launch={launch!r}: expected 'local' or 'deployments'")
 

@@ -36,6 +36,8 @@ CREATE_CONCURRENCY = 4
 PICKUP_TIMEOUT_ENV = "TURBO_SHARD_PICKUP_TIMEOUT"
 DEFAULT_PICKUP_TIMEOUT_S = 600.0
 SHARDS_PER_GPU_ENV = "TURBO_SHARDS_PER_GPU"
+START_TIMEOUT_ENV = "TURBO_SHARD_START_TIMEOUT"
+DEFAULT_START_TIMEOUT_S = 120.0
 WAITING_LOG_S = 60.0       # a line about shards still waiting for a worker, at most this often
 # How Prefect 3.9.1's server tells a live worker (server/schemas/responses.py, services/foreman.py):
 # its last heartbeat is at most 3 of its heartbeat intervals old (30 s if it sent no interval).
@@ -77,15 +79,27 @@ def local_gpu_count() -> int:
 def pickup_timeout_from_env(env: Mapping[str, str]) -> float:
     """TURBO_SHARD_PICKUP_TIMEOUT: seconds a shard run may wait unclaimed (default 600); the batch
     flow reads it once and passes it to `run_deployments`."""
-    raw = (env.get(PICKUP_TIMEOUT_ENV) or "").strip()
+    return _seconds(env, PICKUP_TIMEOUT_ENV, DEFAULT_PICKUP_TIMEOUT_S)
+
+
+def start_timeout_from_env(env: Mapping[str, str]) -> float:
+    """TURBO_SHARD_START_TIMEOUT: seconds a shard run may stay Pending, claimed by a worker that has
+    not started its process (default 120; a start takes seconds). Longer, the worker or its host is
+    gone (a run that never ran sends no heartbeat for the zombie automation): the batch cancels the
+    run and submits the shard again."""
+    return _seconds(env, START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = (env.get(name) or "").strip()
     if not raw:
-        return DEFAULT_PICKUP_TIMEOUT_S
+        return default
     try:
         seconds = float(raw)
     except ValueError:
         seconds = math.nan
     if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{PICKUP_TIMEOUT_ENV}={raw!r}: expected a number of seconds above 0")
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds above 0")
     return seconds
 
 
@@ -268,13 +282,17 @@ def _run_one_local(shard_flow: Callable[..., list[dict]], spec: ShardSpec, commo
 def run_deployments(deployment: str, specs: list[ShardSpec], common: dict, *,
                     max_attempts: int = 3, poll_s: float = 2.0,
                     pickup_timeout_s: float = DEFAULT_PICKUP_TIMEOUT_S,
+                    start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
                     waiting_log_s: float = WAITING_LOG_S) -> list[dict]:
     """Run every shard as a flow run of `deployment` and return all their metrics rows.
 
     `pickup_timeout_s`: a shard run that waits this long unclaimed (see `_Pickup`) is cancelled and
-    its rows fail; `waiting_log_s`: how often a line names the shards still waiting for a worker."""
+    its rows fail; `start_timeout_s`: a run Pending this long (claimed, never started) is cancelled
+    and the shard submitted again; `waiting_log_s`: how often a line names the shards still waiting
+    for a worker."""
     return _run_coro(_run_deployments(deployment, specs, common, max_attempts, poll_s,
-                                      _Pickup(pickup_timeout_s, waiting_log_s, refresh_s=max(poll_s, 5.0))))
+                                      _Pickup(pickup_timeout_s, waiting_log_s, refresh_s=max(poll_s, 5.0),
+                                              start_timeout_s=start_timeout_s)))
 
 
 def _in_event_loop() -> bool:
@@ -364,9 +382,13 @@ async def _wait(flow_run_id, poll_s: float, on_poll: Callable[[int], Any] | None
     """Poll until the run is final; between polls, pass on how many of its rows have finished.
 
     While the run waits for a worker, `pickup` keeps its clock; when that runs out the run is
-    cancelled and _NotPickedUp raised (unless a worker took it in the meantime)."""
+    cancelled and _NotPickedUp raised (unless a worker took it in the meantime). A run Pending
+    past `pickup.start_timeout_s` is cancelled and its Cancelled state returned: the caller
+    submits the shard again."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
 
+    pending_since: float | None = None
     async with get_client() as client:
         try:
             while True:
@@ -374,6 +396,15 @@ async def _wait(flow_run_id, poll_s: float, on_poll: Callable[[int], Any] | None
                 state = run.state
                 if state is not None and state.is_final():
                     return state
+                pending_since = (pending_since or time.monotonic()) if run.state_type == StateType.PENDING else None
+                if (pickup is not None and pending_since is not None
+                        and time.monotonic() - pending_since >= pickup.start_timeout_s):
+                    message = (f"shard {shard}: claimed by a worker but not started within "
+                               f"{pickup.start_timeout_s:g} s ({START_TIMEOUT_ENV}); its worker or host is "
+                               "gone, so the run was cancelled and the shard is submitted again")
+                    if await _cancel_unclaimed(client, flow_run_id, message):
+                        _logger().warning("%s", message)
+                        return (await client.read_flow_run(flow_run_id)).state
                 if pickup is not None and state is not None and state.type.value in _WAITING:
                     busy = await pickup.pool_busy(client)
                     if pickup.observe(shard, busy, time.monotonic()):
@@ -409,8 +440,9 @@ class _Pickup:
     """
 
     def __init__(self, timeout_s: float, log_every_s: float = WAITING_LOG_S, refresh_s: float = 5.0,
-                 pool: str | None = None):
+                 pool: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S):
         self.timeout_s, self.log_every_s, self.refresh_s, self.pool = timeout_s, log_every_s, refresh_s, pool
+        self.start_timeout_s = start_timeout_s
         self.unclaimed_since: dict[int, float] = {}   # shard -> when its clock started (monotonic)
         self.queued: set[int] = set()
         self._busy, self._read_at = True, -math.inf

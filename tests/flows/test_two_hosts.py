@@ -117,7 +117,9 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
                        "R2_SECRET_ACCESS_KEY": s3.secret_access_key, "R2_CA_BUNDLE": str(s3.ca_path),
                        "TURBO_EMBED_CACHE": str(home / "cache" / "text"), "PYTHONUNBUFFERED": "1",
                        "TURBO_BATCH_HOME": str(checkout), "WORKER_HOST": name, "LOG_DIR": str(home / "logs"),
-                       "RUN_DIR": str(home / "run"), "TORCHINDUCTOR_CACHE_DIR": str(home / "cache" / "inductor")}
+                       "RUN_DIR": str(home / "run"), "TORCHINDUCTOR_CACHE_DIR": str(home / "cache" / "inductor"),
+                       # a shard run claimed by a host that then died stays Pending: resubmitted after this
+                       "TURBO_SHARD_START_TIMEOUT": "40"}
                 hosts.append(Host(name, home, env))
             stack = TwoHosts(api_url, s3, bucket, hosts)
             a = hosts[0]
@@ -254,7 +256,9 @@ def _processes_of(host: Host) -> list[int]:
 def test_a_host_that_dies_mid_batch_has_its_shard_redone_on_the_other_host(two_hosts):
     """SIGKILL of every process of host B (its workers, its shard, its engine service) while it runs a
     shard: the missing heartbeats mark that run Crashed (deployments/create-zombie-automation.py), the
-    batch resubmits it, host A runs it, and no output is uploaded twice."""
+    batch resubmits it, host A runs it, and no output is uploaded twice. Host B runs two shards at
+    once and may have claimed a third it never started: that run stays Pending until the batch's
+    start timeout cancels and resubmits it."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
     stack = two_hosts

@@ -311,6 +311,13 @@ def test_pickup_timeout_setting():
             fanout.pickup_timeout_from_env({"TURBO_SHARD_PICKUP_TIMEOUT": bad})
 
 
+def test_start_timeout_setting():
+    assert fanout.start_timeout_from_env({}) == 120.0
+    assert fanout.start_timeout_from_env({"TURBO_SHARD_START_TIMEOUT": "40"}) == 40.0
+    with pytest.raises(ValueError, match="TURBO_SHARD_START_TIMEOUT='0': expected a number"):
+        fanout.start_timeout_from_env({"TURBO_SHARD_START_TIMEOUT": "0"})
+
+
 def test_shards_per_gpu_setting():
     assert fanout.shards_per_gpu_from_env({}) == 1
     assert fanout.shards_per_gpu_from_env({"TURBO_SHARDS_PER_GPU": " 2 "}) == 2
