@@ -59,6 +59,12 @@ class ModelCache(Generic[T]):
             self._entries[key] = _Entry(value, nbytes)
             return value
 
+    def peek(self, key: Hashable) -> T | None:
+        """The loaded value, or None; neither loads nor counts as a use."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry.value if entry is not None else None
+
     @property
     def used_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())

@@ -100,6 +100,10 @@ class Pipeline(Protocol):
     def prepare(self, expected_rows: int) -> None:
         """Warm-up decisions that depend on how many rows follow (compiling)."""
 
+    def needs_prepare(self, expected_rows: int) -> bool:
+        """Whether prepare(expected_rows) could change anything; False lets the engine service
+        answer a shard's planning call without queueing behind the row on the GPU."""
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run one request of this pipeline's mode."""
 
@@ -217,6 +221,10 @@ class Engine:
             return pipeline
 
         return self.cache.get(spec.cache_key(), timed_load, nbytes=nbytes, name=spec.model.name)
+
+    def warm_pipeline(self, spec: LoadSpec) -> Pipeline | None:
+        """The spec's pipeline if it is loaded, else None; loads nothing."""
+        return self.cache.peek(spec.cache_key())
 
     def take_load_seconds(self, spec: LoadSpec) -> float:
         """Seconds spent loading `spec` since the last call (0.0 when it stayed warm): the row that

@@ -106,6 +106,10 @@ class WanI2VPipeline(WanPipelineBase):
             self.experts.policy = self._policy(expected_rows)     # sequential once a batch comes
         super().prepare(expected_rows)
 
+    def needs_prepare(self, expected_rows: int) -> bool:
+        """Under the auto policy, swap turns sequential once a batch comes (prepare below)."""
+        return (self.policy == "swap" and self.settings.expert_policy == "auto") or super().needs_prepare(expected_rows)
+
     def rows_per_group(self, expected_rows: int) -> int:
         """TURBO_EXPERT_GROUP_ROWS under the sequential policy while more rows follow (the shard
         finishes a short last group when it ends), else 1."""

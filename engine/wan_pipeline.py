@@ -175,6 +175,10 @@ class WanPipelineBase:
         min_rows = self.settings.compile_min_rows or default_min
         return mode == "1" or expected_rows >= min_rows
 
+    def needs_prepare(self, expected_rows: int) -> bool:
+        """prepare() only ever compiles, once."""
+        return self.wants_compile(expected_rows)
+
     def loaded_dits(self) -> list[torch.nn.Module]:
         """The DiTs on this pipeline (t2v and dance: one; i2v overrides with its experts)."""
         return [self.dit]     # type: ignore[attr-defined]

@@ -125,6 +125,11 @@ class EngineService:
     def group(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = self.spec(body["spec"])
         expected = int(body.get("expected_rows", 1))
+        warm = self.engine.warm_pipeline(spec)
+        if warm is not None and not warm.needs_prepare(expected):
+            # Nothing to load or compile: answer now. Under the GPU lock this call waited for the
+            # other shard's row, and the GPU then idled while this shard sent its own row.
+            return {"rows_per_group": warm.rows_per_group(expected)}
 
         def work() -> int:
             pipeline = self.engine.pipeline(spec)

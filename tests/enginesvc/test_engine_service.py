@@ -193,3 +193,32 @@ def test_the_row_that_paid_for_the_load_reports_it_in_process_and_on_a_service(s
         assert [m["status"] for m in metrics] == ["succeeded"] * 3, [m["error"] for m in metrics]
         loads = [m["model_load_s"] for m in metrics]
         assert loads[0] > 0 and loads[1:] == [0.0, 0.0], loads
+
+
+def test_a_warm_services_planning_call_does_not_queue_behind_the_other_shards_row(tmp_path, monkeypatch):
+    """Two shards per GPU: while one row holds the GPU, the other shard's per-row planning call
+    (rows per group) is answered at once when the model is warm, so that shard's row is already
+    waiting when the GPU frees up. Cold, the call loads the model and queues for the GPU."""
+    import threading
+
+    from engine.family import Engine
+    from engine.settings import EngineSettings
+    from service.client import RemoteSpec
+    from service.server import EngineService
+    monkeypatch.setenv("TURBO_EMBED_CACHE", str(tmp_path / "text"))
+    service = EngineService(Engine(EngineSettings.from_env(os.environ)), checkpoints_dir=None, random_weights=False)
+    spec = RemoteSpec("tiny-t2v").to_json()
+
+    def group_while_the_gpu_is_held(wait_s: float) -> bool:
+        answers: list[dict] = []
+        with service.gpu_lock:                      # the other shard's row on the GPU
+            t = threading.Thread(target=lambda: answers.append(service.group({"spec": spec, "expected_rows": 3})))
+            t.start()
+            t.join(wait_s)
+            answered = not t.is_alive()
+        t.join(60)
+        assert answers == [{"rows_per_group": 1}]
+        return answered
+
+    assert not group_while_the_gpu_is_held(0.5)     # cold: it waits for the GPU (it loads there)
+    assert group_while_the_gpu_is_held(30)          # warm: answered while the GPU is busy
