@@ -6,7 +6,7 @@ batches back to back.
     python bench/pools.py --gpus 2 --batches 4,8 --model tiny-t2v --frames 5          # CPU dry run
 
 Starts `prefect server` on loopback (temporary home), creates the pools, deploys prefect.yaml,
-starts deployments/start-workers.sh with GPUS=N (engine services on, random weights, two shards at
+starts deployments/start-workers.sh with GPUS=N (engine services on, random weights, three shards at
 once per GPU), sends every service one row straight through its client (it loads and compiles the
 model), runs an unmeasured --warmup batch through Prefect, then runs
 `prefect deployment run batch/batch` once per entry of --batches, each on a fresh manifest into a
@@ -15,7 +15,8 @@ local folder sink. Per batch: rows, shards, the wall time from the batch run's c
 service over the wall time, the service's own counter), the same between its first and last GPU
 work, its idle time at the end against the GPU that finished last (the balance), the first-row
 latency (submission to the first GPU work, polled from the services' /health), model loads, and the
-timeline (batch picked up, shards created and picked up, first GPU work, last GPU work, batch done).
+timeline (batch claimed by a worker and running, shards created, claimed and running, first GPU work,
+last GPU work, batch done: claimed to running is the flow-run process start).
 The services stay up between batches: the later ones find the model warm. --baseline then starts a
 pool of one GPU and runs the largest batch on it (scaling_vs_1gpu). Writes docs/benchmarks/pools.json
 and a section of docs/BENCHMARKS.md (and copies to --out, default $OUT).
@@ -150,6 +151,18 @@ def flow_runs(env: dict[str, str], sink: Path) -> tuple[Any, list[Any]]:
     return batch, [r for r in runs if r.name and r.name.startswith("shard-")]
 
 
+def claimed_at(env: dict[str, str], runs: list[Any]) -> float | None:
+    """When a worker first claimed any of these runs (its Pending state): between a run's creation
+    and its start, this splits the worker's polling from the flow-run process's start."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        times = [st.timestamp.timestamp() for r in runs for st in client.read_flow_run_states(r.id)
+                 if st.type.value == "PENDING"]
+    return min(times, default=None)
+
+
 def measure(env: dict[str, str], root: Path, gpus: int, rows: int, args: argparse.Namespace, tag: str,
             services: ServiceWatch) -> dict:
     """One batch. Its wall time runs from the batch run's creation (the server's clock) to its end;
@@ -191,8 +204,10 @@ def measure(env: dict[str, str], root: Path, gpus: int, rows: int, args: argpars
         g["tail_idle_s"] = round(last_end - g["last_work_end_s"], 2) if g["last_work_end_s"] is not None else None
     starts = sorted(r.start_time.timestamp() for r in shards if r.start_time)
     first_work = min(services.first_busy.values(), default=None)
-    line = {"batch_started_s": at(batch.start_time.timestamp()) if batch.start_time else None,
+    line = {"batch_claimed_s": at(claimed_at(env, [batch])),
+            "batch_started_s": at(batch.start_time.timestamp()) if batch.start_time else None,
             "shards_created_s": at(min(r.created.timestamp() for r in shards)) if shards else None,
+            "first_shard_claimed_s": at(claimed_at(env, shards)),
             "first_shard_started_s": at(starts[0]) if starts else None,
             "first_gpu_work_s": at(first_work),
             "last_gpu_work_end_s": last_end,
@@ -312,7 +327,7 @@ def main() -> None:
         server.wait(timeout=30)
 
     payload: dict = {"gpus": args.gpus, "model": args.model, "resolution": args.resolution, "frames": args.frames,
-                     "shards_per_gpu": int(env.get("SHARDS_PER_GPU") or 2), "warmup": warmup, "batches": results,
+                     "shards_per_gpu": int(env.get("SHARDS_PER_GPU") or 3), "warmup": warmup, "batches": results,
                      "logs": str(logs)}
     if baseline is not None:
         same = next(r for r in results if r["rows"] == baseline["rows"])
