@@ -6,9 +6,10 @@
 #     service/supervise.py, which restarts it when it dies): it keeps the models warm across shards
 #     and batches, and the worker's shards reach it through TURBO_ENGINE_SOCKET (ENGINE_SERVICE=0:
 #     no services, each shard loads its own models); ENGINE_RANDOM_WEIGHTS=1 for benchmarks;
-#   - with services, each GPU worker runs SHARDS_PER_GPU (default 2) shards at once: their rows
+#   - with services, each GPU worker runs SHARDS_PER_GPU (default 3) shards at once: their rows
 #     queue at the service's GPU lock, so one shard's Prefect work between rows (fetch, the skip
-#     check, the next shard's process start) overlaps the other's GPU work. The batch flow plans
+#     check, the next shard's process start) overlaps the others' GPU work (200 rows on an H200:
+#     busy 0.945 with 3, 0.919 with 2; docs/BENCHMARKS.md, pools). The batch flow plans
 #     that many shards per GPU (TURBO_SHARDS_PER_GPU, exported to the cpu worker). Without
 #     services, --limit 1: a second shard would load a second copy of the model;
 #   - one worker on the `cpu` pool for the batch and nightly flows (CPU_WORKER=0 to skip).
@@ -35,7 +36,7 @@ GPU_POOL="${GPU_POOL:-gpu}"
 CPU_POOL="${CPU_POOL:-cpu}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 ENGINE_SERVICE="${ENGINE_SERVICE:-1}"
-SHARDS_PER_GPU="${SHARDS_PER_GPU:-2}"
+SHARDS_PER_GPU="${SHARDS_PER_GPU:-3}"
 if [[ ! "$SHARDS_PER_GPU" =~ ^[1-9][0-9]*$ ]]; then
     echo "start-workers: SHARDS_PER_GPU=$SHARDS_PER_GPU: expected a number of shards, 1 or more" >&2
     exit 1

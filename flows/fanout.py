@@ -105,7 +105,7 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 
 def shards_per_gpu_from_env(env: Mapping[str, str]) -> int:
     """TURBO_SHARDS_PER_GPU: shards each GPU worker runs at once (start-workers.sh exports its
-    SHARDS_PER_GPU: 2 with engine services, whose GPU lock queues their rows; 1 without). The batch
+    SHARDS_PER_GPU: 3 with engine services, whose GPU lock queues their rows; 1 without). The batch
     plans at least that many shards per live worker; unset: 1."""
     raw = (env.get(SHARDS_PER_GPU_ENV) or "").strip()
     if not raw:

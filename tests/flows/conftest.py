@@ -159,7 +159,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectS
             stack.prefect("deploy", "--all", "--no-prompt")
             workers = subprocess.Popen(
                 ["bash", "deployments/start-workers.sh"], cwd=home,
-                env={**env, "GPUS": "2", "LOG_DIR": str(logs), "WORKER_HOST": "ci",
+                env={**env, "GPUS": "2", "SHARDS_PER_GPU": "2", "LOG_DIR": str(logs), "WORKER_HOST": "ci",
                      "TURBO_BATCH_HOME": str(home), "RUN_DIR": str(root / "run"),
                      "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")},
                 stdout=(logs / "start-workers.out").open("wb"), stderr=subprocess.STDOUT,

@@ -459,7 +459,7 @@ def test_start_workers_without_a_gpu_says_so(tmp_path, nvidia_smi):
 
 
 @pytest.mark.parametrize("engine_service", ["1", "0"])
-def test_start_workers_runs_two_shards_per_gpu_only_on_engine_services(tmp_path, engine_service):
+def test_start_workers_runs_several_shards_per_gpu_only_on_engine_services(tmp_path, engine_service):
     """With services a GPU worker takes SHARDS_PER_GPU shards at once (their rows queue at the
     service) and the cpu worker's batches plan for it; without, one (a second shard would load a
     second model). A fake prefect records each worker's arguments and setting, then exits, which
@@ -484,7 +484,7 @@ def test_start_workers_runs_two_shards_per_gpu_only_on_engine_services(tmp_path,
     lines = started.read_text().splitlines()
     (gpu,) = [line for line in lines if "--name t-gpu-0" in line]
     (cpu,) = [line for line in lines if "--name t-cpu" in line]
-    want = "2" if engine_service == "1" else "1"
+    want = "3" if engine_service == "1" else "1"
     assert gpu.endswith(f"--limit {want} shards={want}"), gpu
     assert cpu.endswith(f"shards={want}"), cpu
     bad = subprocess.run(["/bin/bash", str(REPO_ROOT / "deployments/start-workers.sh")], capture_output=True,

@@ -131,8 +131,8 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
                 done = subprocess.run(command, env=deploy_env, cwd=a.env["TURBO_BATCH_HOME"], capture_output=True,
                                       text=True, timeout=300)
                 assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-            for host, other, extra in ((hosts[0], hosts[1], {"GPUS": "1", "CPU_WORKER": "1"}),
-                                       (hosts[1], hosts[0], {"GPUS": "1", "CPU_WORKER": "0"})):
+            for host, other, extra in ((hosts[0], hosts[1], {"GPUS": "1", "CPU_WORKER": "1", "SHARDS_PER_GPU": "2"}),
+                                       (hosts[1], hosts[0], {"GPUS": "1", "CPU_WORKER": "0", "SHARDS_PER_GPU": "2"})):
                 # The other host's folder is an empty tmpfs in this host's mount namespace.
                 host.workers = subprocess.Popen(
                     ["unshare", "-m", "--propagation", "private", "sh", "-c",
